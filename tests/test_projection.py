@@ -1,0 +1,285 @@
+import numpy as np
+import pytest
+import torch
+
+from diffstategrad import (
+    DiffStateGrad,
+    apply_diffstategrad,
+    compute_rank_for_explained_variance,
+    compute_svd_and_adaptive_rank,
+)
+from diffstategrad.projection import rank_from_energy
+
+TEST_VECTOR = np.array([[4, 2, 1, 0.5], [3, 1, 0.5, 0.1], [2, 1, 0.2, 0.1]], dtype=np.float32)
+
+
+# --- an independent re-statement of the official helpers (reference doc section 1) ----------
+
+
+def official_rank(s_list, cutoff):
+    total = 0
+    for s in s_list:
+        e = np.asarray(s, dtype=np.float32) ** 2
+        cum = np.cumsum(e) / np.sum(e)  # cumsum without axis flattens
+        total += np.searchsorted(cum, cutoff) + 1
+    return int(total / 3)
+
+
+def official_svd_and_rank(z_t, cutoff):
+    U, s, Vh = torch.linalg.svd(z_t[0], full_matrices=False)
+    return U, s, Vh, official_rank([s.cpu().numpy()], cutoff)
+
+
+def official_apply(g, it, period, U, s, Vh, r):
+    if period != 0 and it % period == 0:
+        out = torch.zeros_like(g[0])
+        for c in range(g.shape[1]):
+            A = U[c, :, :r]
+            B = Vh[c, :r, :]
+            out[c] = A @ (A.T @ g[0, c] @ B.T) @ B
+        return out.unsqueeze(0).float()
+    return g
+
+
+# --- rank rule ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cutoff,expected", [(0.9, 3), (0.99, 3), (0.5, 0)])
+def test_rank_rule_matches_documented_test_vector(cutoff, expected):
+    assert compute_rank_for_explained_variance([TEST_VECTOR], cutoff) == expected
+    assert compute_rank_for_explained_variance([torch.from_numpy(TEST_VECTOR)], cutoff) == expected
+    energy = torch.from_numpy(TEST_VECTOR).double()[None] ** 2
+    assert int(rank_from_energy(energy, cutoff, "reference")[0]) == expected
+
+
+@pytest.mark.parametrize("cutoff,expected", [(0.9, 2), (0.99, 3)])
+def test_per_channel_rule_on_test_vector(cutoff, expected):
+    # per-channel ranks are [2, 2, 2] at 0.9 and [4, 3, 2] at 0.99
+    energy = torch.from_numpy(TEST_VECTOR).double()[None] ** 2
+    assert int(rank_from_energy(energy, cutoff, "per_channel")[0]) == expected
+
+
+def test_all_equal_singular_values_give_63():
+    s = np.ones((3, 64), dtype=np.float32)
+    assert compute_rank_for_explained_variance([s], 0.99) == 63
+    assert int(rank_from_energy(torch.ones(1, 3, 64), 0.99, "reference")[0]) == 63
+
+
+def test_rank_rule_matches_official_replica_on_random_spectra():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        s = np.sort(rng.gamma(0.5, size=(3, 32)).astype(np.float32), axis=1)[:, ::-1]
+        for cutoff in (0.5, 0.9, 0.99):
+            ours = int(rank_from_energy(torch.from_numpy(s.copy())[None].double() ** 2, cutoff, "reference")[0])
+            assert ours == official_rank([s], cutoff)
+            assert compute_rank_for_explained_variance([s], cutoff) == official_rank([s], cutoff)
+
+
+# --- the seed-compatible helpers --------------------------------------------------------------
+
+
+def test_helpers_match_official_for_batch_one():
+    torch.manual_seed(0)
+    z = torch.randn(1, 3, 32, 32) + torch.linspace(0, 3, 32)[None, None, :, None]
+    g = torch.randn(1, 3, 32, 32)
+    U, s, Vh, r = compute_svd_and_adaptive_rank(z, var_cutoff=0.99)
+    Uo, so, Vho, ro = official_svd_and_rank(z, 0.99)
+    assert U.shape == (3, 32, 32) and s.shape == (3, 32) and Vh.shape == (3, 32, 32)
+    assert isinstance(r, int) and r == ro
+    ours = apply_diffstategrad(norm_grad=g, iteration_count=0, period=1, U=U, s=s, Vh=Vh, adaptive_rank=r)
+    ref = official_apply(g, 0, 1, Uo, so, Vho, ro)
+    assert ours.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_helpers_period_gating_and_errors():
+    z = torch.randn(1, 3, 8, 8)
+    g = torch.randn(1, 3, 8, 8)
+    U, s, Vh, r = compute_svd_and_adaptive_rank(z, 0.5)
+    # period 0 never projects; off-period iterations return the gradient itself
+    assert apply_diffstategrad(g, 0, 0, U, s, Vh, r) is g
+    assert apply_diffstategrad(g, 3, 2, U, s, Vh, r) is g
+    assert not torch.equal(apply_diffstategrad(g, 4, 2, U, s, Vh, r), g)
+    with pytest.raises(TypeError):
+        apply_diffstategrad(g, 0, None, U, s, Vh, r)
+    with pytest.raises(ValueError):
+        apply_diffstategrad(g, 0, 1, None, s, Vh, r)
+    # off-period iterations need no basis at all
+    assert apply_diffstategrad(g, 1, 2) is g
+
+
+def test_helpers_rank_zero_gives_zero_gradient():
+    z = torch.randn(1, 3, 8, 8)
+    U, s, Vh, r = compute_svd_and_adaptive_rank(z, 0.01)
+    assert r == 0
+    out = apply_diffstategrad(torch.randn(1, 3, 8, 8), 0, 1, U, s, Vh, r)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_helpers_batch_uses_each_samples_own_basis():
+    torch.manual_seed(1)
+    z = torch.randn(3, 3, 16, 16)
+    z[1] = z[1] * torch.linspace(0.01, 5, 16)[:, None]  # a different spectrum for sample 1
+    g = torch.randn(3, 3, 16, 16)
+    U, s, Vh, ranks = compute_svd_and_adaptive_rank(z, 0.9)
+    assert U.shape == (3, 3, 16, 16) and len(ranks) == 3
+    out = apply_diffstategrad(g, 0, 1, U, s, Vh, ranks)
+    for b in range(3):
+        Ub, sb, Vhb, rb = compute_svd_and_adaptive_rank(z[b : b + 1], 0.9)
+        assert rb == ranks[b]
+        single = apply_diffstategrad(g[b : b + 1], 0, 1, Ub, sb, Vhb, rb)
+        torch.testing.assert_close(out[b : b + 1], single, rtol=1e-5, atol=1e-6)
+
+
+# --- the projector class ------------------------------------------------------------------------
+
+
+def _low_rank_state(B, C, H, W, rank, noise=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, C, H, rank, generator=g) @ torch.randn(B, C, rank, W, generator=g)
+    return z + noise * torch.randn(B, C, H, W, generator=g)
+
+
+@pytest.mark.parametrize("rule", ["reference", "per_channel"])
+def test_projection_is_idempotent_and_non_expansive(rule, device):
+    proj = DiffStateGrad(var_cutoff=0.9, rank_rule=rule)
+    z = _low_rank_state(2, 3, 24, 24, 4, noise=0.1).to(device)
+    g = torch.randn(2, 3, 24, 24, device=device)
+    basis = proj.basis(z)
+    p1 = proj.project(g, basis)
+    p2 = proj.project(p1, basis)
+    torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5)
+    for b in range(2):
+        assert p1[b].norm() <= g[b].norm() * (1 + 1e-6)
+    assert (basis.ranks < 24).all()  # it really projects something away
+    assert (p1 - g).norm() > 1e-3
+
+
+def test_full_rank_is_identity_for_square_states(device):
+    z = torch.randn(2, 3, 16, 16, device=device)
+    g = torch.randn(2, 3, 16, 16, device=device)
+    proj = DiffStateGrad(rank=16)
+    torch.testing.assert_close(proj(g, z), g, rtol=1e-4, atol=1e-5)
+    # var_cutoff 1.0 reaches full rank too
+    torch.testing.assert_close(DiffStateGrad(var_cutoff=1.0, rank_rule="per_channel")(g, z), g, rtol=1e-4, atol=1e-5)
+
+
+def test_non_square_projection_properties():
+    # H != W: U is H x K (K = W), so even at full rank only the state's column space is kept
+    z = torch.randn(1, 2, 20, 12)
+    g = torch.randn(1, 2, 20, 12)
+    proj = DiffStateGrad(rank=12)
+    basis = proj.basis(z)
+    assert basis.U.shape == (1, 2, 20, 12) and basis.Vh.shape == (1, 2, 12, 12)
+    p = proj.project(g, basis)
+    expected = basis.U[0] @ basis.U[0].transpose(-1, -2) @ g[0]
+    torch.testing.assert_close(p[0], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(proj.project(p, basis), p, rtol=1e-4, atol=1e-5)
+
+
+def test_projection_keeps_components_in_the_state_subspace():
+    z = _low_rank_state(1, 3, 32, 32, 3)
+    proj = DiffStateGrad(var_cutoff=0.999, rank_rule="per_channel")
+    basis = proj.basis(z)
+    assert int(basis.ranks[0]) == 3
+    # a gradient built from the state's own singular vectors passes unchanged
+    inside = basis.U[0] @ torch.randn(3, 3, 3) @ basis.Vh[0]
+    torch.testing.assert_close(proj.project(inside[None], basis), inside[None], rtol=1e-4, atol=1e-5)
+
+
+def test_per_sample_results_do_not_depend_on_the_batch(device):
+    z = torch.cat([_low_rank_state(1, 3, 16, 16, 2, 0.05, seed=s) for s in range(4)]).to(device)
+    g = torch.randn(4, 3, 16, 16, device=device)
+    proj = DiffStateGrad(var_cutoff=0.95)
+    full = proj(g, z)
+    for b in range(4):
+        alone = proj(g[b : b + 1], z[b : b + 1])
+        torch.testing.assert_close(full[b : b + 1], alone, rtol=1e-5, atol=1e-6)
+    # permuting the batch permutes the result
+    perm = torch.tensor([2, 0, 3, 1], device=device)
+    torch.testing.assert_close(proj(g[perm], z[perm]), full[perm], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 16, 16), (1, 4, 12, 20), (3, 1, 9, 7)])
+def test_shapes_and_dtypes_are_preserved(dtype, shape):
+    z = torch.randn(shape).to(dtype)
+    g = torch.randn(shape).to(dtype)
+    out = DiffStateGrad(var_cutoff=0.9)(g, z)
+    assert out.shape == g.shape and out.dtype == dtype
+    basis = DiffStateGrad().basis(z)
+    assert basis.U.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def test_period_gating():
+    proj = DiffStateGrad(period=3)
+    z = torch.randn(1, 3, 8, 8)
+    g = torch.randn(1, 3, 8, 8)
+    applied = [not torch.equal(proj(g, z, step=k), g) for k in range(7)]
+    assert applied == [True, False, False, True, False, False, True]
+    assert all(DiffStateGrad(period=0)(g, z, step=k) is g for k in range(3))
+    # off-period steps do not even need the state
+    assert proj(g, None, step=1) is g
+    with pytest.raises(ValueError):
+        proj(g, None, step=0)
+
+
+def test_rank_zero_is_explicit():
+    z = torch.randn(1, 3, 8, 8)
+    g = torch.randn(1, 3, 8, 8)
+    # the reference rule gives rank 0 at tau = 0.01; by default min_rank lifts it to 1 ...
+    assert int(DiffStateGrad(var_cutoff=0.01).basis(z).ranks[0]) == 1
+    # ... and with min_rank=0 the official behaviour (a zero gradient) is reproduced
+    proj = DiffStateGrad(var_cutoff=0.01, min_rank=0)
+    assert int(proj.basis(z).ranks[0]) == 0
+    assert torch.count_nonzero(proj(g, z)) == 0
+
+
+def test_fixed_rank_and_invalid_arguments():
+    z = torch.randn(2, 3, 10, 10)
+    assert DiffStateGrad(rank=4).basis(z).ranks.tolist() == [4, 4]
+    assert DiffStateGrad(rank=40).basis(z).ranks.tolist() == [10, 10]
+    for bad in [dict(var_cutoff=0), dict(var_cutoff=1.5), dict(period=-1), dict(period=None), dict(rank_rule="x"), dict(svd="qr"), dict(rank=-2)]:
+        with pytest.raises(ValueError):
+            DiffStateGrad(**bad)
+    with pytest.raises(ValueError):
+        DiffStateGrad().basis(torch.randn(3, 10, 10))
+    with pytest.raises(ValueError):
+        DiffStateGrad()(torch.randn(2, 3, 10, 12), z)
+    with pytest.raises(FloatingPointError):
+        DiffStateGrad().basis(torch.full((1, 3, 4, 4), float("nan")))
+
+
+def test_randomized_svd_matches_full_svd_on_low_rank_states():
+    z = _low_rank_state(2, 3, 64, 48, 5, noise=1e-3)
+    g = torch.randn(2, 3, 64, 48)
+    exact = DiffStateGrad(var_cutoff=0.99, rank_rule="per_channel")
+    approx = DiffStateGrad(var_cutoff=0.99, rank_rule="per_channel", svd="randomized", lowrank_q=12)
+    be, ba = exact.basis(z), approx.basis(z)
+    assert be.ranks.tolist() == ba.ranks.tolist()
+    torch.testing.assert_close(approx.project(g, ba), exact.project(g, be), rtol=1e-3, atol=1e-3)
+    # deterministic, and independent of the global RNG
+    torch.manual_seed(123)
+    again = approx.project(g, approx.basis(z))
+    torch.testing.assert_close(again, approx.project(g, ba))
+
+
+def test_randomized_svd_caps_rank_at_q():
+    z = torch.randn(1, 3, 64, 64)
+    basis = DiffStateGrad(svd="randomized", lowrank_q=8).basis(z)
+    assert int(basis.ranks[0]) == 8 and basis.U.shape[-1] == 8
+
+
+def test_reference_rule_is_milder_than_per_channel_on_images():
+    # smooth image-like state: the documented consequence r >= ~2K/3 for the flattened rule
+    x = torch.linspace(-1, 1, 64)
+    img = torch.stack([torch.outer(torch.sin(3 * x + c), torch.cos(2 * x - c)) for c in range(3)])[None]
+    img = img + 0.05 * torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ref = int(DiffStateGrad(rank_rule="reference").basis(img).ranks[0])
+    per = int(DiffStateGrad(rank_rule="per_channel").basis(img).ranks[0])
+    assert ref >= 2 * 64 // 3 - 1 and per < ref
+
+
+def test_config_round_trip():
+    proj = DiffStateGrad(var_cutoff=0.95, period=5, rank_rule="per_channel", svd="randomized", lowrank_q=16)
+    assert DiffStateGrad.from_dict(proj.to_dict()) == proj

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Operator", "LinearOperator", "check_image_batch"]
+__all__ = ["Operator", "LinearOperator", "MatrixOperator", "check_image_batch"]
 
 
 def check_image_batch(x: torch.Tensor, name: str = "x") -> None:
@@ -47,3 +47,27 @@ class LinearOperator(Operator):
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """A^T A x."""
         return self.adjoint(self.forward(x))
+
+
+class MatrixOperator(LinearOperator):
+    """y = A vec(x) for a dense (m, d) matrix A, d = C*H*W; y has shape (B, m).
+
+    Small problems only: the exact posterior oracles of the tests and the docs.
+    """
+
+    def __init__(self, matrix: torch.Tensor, input_shape):
+        super().__init__()
+        self.input_shape = tuple(int(s) for s in input_shape)
+        d = 1
+        for s in self.input_shape:
+            d *= s
+        if matrix.ndim != 2 or matrix.shape[1] != d:
+            raise ValueError(f"matrix must be (m, {d}) for inputs of shape {self.input_shape}")
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(x)
+        return x.reshape(x.shape[0], -1) @ self.matrix.to(x.dtype).T
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return (y @ self.matrix.to(y.dtype)).reshape(y.shape[0], *self.input_shape)

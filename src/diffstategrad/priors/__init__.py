@@ -1,0 +1,17 @@
+"""Diffusion priors: the contract, analytic oracles and ``load_prior``."""
+
+from diffstategrad.priors.analytic import GaussianMixturePrior, GaussianPrior, linear_gaussian_posterior
+from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_timesteps
+from diffstategrad.priors.registry import list_priors, load_prior, register_prior
+
+__all__ = [
+    "DiffusionPrior",
+    "LatentDiffusionPrior",
+    "GaussianPrior",
+    "GaussianMixturePrior",
+    "linear_gaussian_posterior",
+    "as_timesteps",
+    "load_prior",
+    "register_prior",
+    "list_priors",
+]

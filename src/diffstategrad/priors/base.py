@@ -1,0 +1,119 @@
+"""The prior contract: a discrete-time VP diffusion model.
+
+A prior is a schedule (``alphas_cumprod``) plus an epsilon prediction ``eps(x_t, t)``; the x0
+estimate and the score are derived here, once. A latent prior adds ``encode`` / ``decode``
+between images (B, 3, H, W) in [-1, 1] and latents. Every checkpoint format (built-in,
+guided-diffusion, CompVis LDM, diffusers) and every analytic oracle is an adapter to this one
+contract, so solvers never see where a model came from.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffstategrad.schedules import VPSchedule, eps_to_score, eps_to_x0
+
+__all__ = ["DiffusionPrior", "LatentDiffusionPrior", "as_timesteps"]
+
+
+def as_timesteps(t, batch_size: int, device=None) -> torch.Tensor:
+    """Normalise an int, a 0-d or a (B,) tensor of timesteps to a (B,) int64 tensor."""
+    t = torch.as_tensor(t, device=device)
+    if t.is_floating_point():
+        if not torch.equal(t, t.round()):
+            raise ValueError("discrete priors take integer timesteps")
+        t = t.long()
+    t = t.long()
+    if t.ndim == 0:
+        t = t.expand(batch_size)
+    if t.shape != (batch_size,):
+        raise ValueError(f"timesteps must be a scalar or have shape ({batch_size},), got {tuple(t.shape)}")
+    return t
+
+
+class DiffusionPrior(nn.Module):
+    """Base class of all priors. Subclasses set ``self.schedule`` and implement ``eps``.
+
+    Attributes:
+        kind: ``"pixel"`` or ``"latent"``.
+        schedule: the model's VP schedule.
+        channels: channel count of the space the diffusion runs in (image or latent).
+        learned_variance: whether ``eps_and_variance`` returns guided-diffusion's learned
+            variance interpolation (then ``variance="learned"`` is available to DDPM samplers).
+    """
+
+    kind = "pixel"
+    learned_variance = False
+
+    def __init__(self, schedule: VPSchedule, channels: int):
+        super().__init__()
+        self.schedule = schedule
+        self.channels = channels
+
+    # -- what subclasses implement ------------------------------------------------------------
+
+    def eps(self, x_t: torch.Tensor, t) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def eps_and_variance(self, x_t: torch.Tensor, t):
+        """(eps, v) where v in [-1, 1] is guided-diffusion's learned-range interpolation between
+        log beta-tilde (v = -1) and log beta (v = +1), or None for fixed-variance models."""
+        return self.eps(x_t, t), None
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise ValueError if the model cannot run on states of this spatial size."""
+
+    def size_rule(self) -> str:
+        """A one-line description of the spatial sizes the model accepts."""
+        return "any size"
+
+    # -- derived, in one place -------------------------------------------------------------------
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    def alpha_bar(self, t, like: torch.Tensor) -> torch.Tensor:
+        return self.schedule.alpha_bar(as_timesteps(t, like.shape[0]), like=like)
+
+    def x0(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """Tweedie's estimate E[x0 | x_t] from the epsilon prediction."""
+        return eps_to_x0(x_t, self.eps(x_t, t), self.alpha_bar(t, x_t))
+
+    def score(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """grad log p_t(x_t) = -eps / sqrt(1 - alpha_bar_t)."""
+        return eps_to_score(self.eps(x_t, t), self.alpha_bar(t, x_t))
+
+    def state_shape(self, image_shape) -> tuple[int, int, int]:
+        """Shape (C, H, W) of the diffusion state for an image of shape (C, H, W)."""
+        _, H, W = image_shape
+        return (self.channels, H, W)
+
+
+class LatentDiffusionPrior(DiffusionPrior):
+    """A diffusion prior in the latent space of an autoencoder.
+
+    ``encode`` maps images (B, C, H, W) in [-1, 1] to (scaled) latents, ``decode`` maps latents
+    back; both are differentiable. ``downsampling`` is the spatial factor between them.
+    """
+
+    kind = "latent"
+
+    def __init__(self, schedule: VPSchedule, latent_channels: int, downsampling: int, image_channels: int = 3):
+        super().__init__(schedule, latent_channels)
+        self.downsampling = downsampling
+        self.image_channels = image_channels
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_shape(self, image_shape) -> tuple[int, int, int]:
+        _, H, W = image_shape
+        f = self.downsampling
+        if H % f or W % f:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the autoencoder factor {f}")
+        return (self.channels, H // f, W // f)

@@ -1,0 +1,15 @@
+"""Solvers with one signature; ``solve(name, ...)`` dispatches by name."""
+
+from diffstategrad.solvers.base import SolveResult
+from diffstategrad.solvers.dps import dps
+
+SOLVERS = {"dps": dps}
+
+__all__ = ["SOLVERS", "SolveResult", "dps", "solve"]
+
+
+def solve(name: str, prior, operator, y, **kwargs) -> SolveResult:
+    """Run the solver called ``name`` (see ``SOLVERS``) with the shared keyword signature."""
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
+    return SOLVERS[name](prior, operator, y, **kwargs)

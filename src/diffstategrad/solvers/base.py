@@ -1,0 +1,123 @@
+"""What every solver shares: the result type, per-sample residuals, failure tracking, seeds.
+
+Solvers are functions with one keyword signature (k-diffusion style):
+
+    solver(prior, operator, y, *, shape, steps, guidance_scale, projector, seeds, callback, ...)
+        -> SolveResult
+
+``projector`` is a :class:`~diffstategrad.projection.DiffStateGrad` or None; each solver
+documents the one place where the measurement-guidance gradient passes through it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from diffstategrad.rng import SampleGenerators, derive_seed
+
+__all__ = ["SolveResult", "FailureTracker", "per_sample_residual", "solver_generators", "Stopwatch"]
+
+
+@dataclass
+class SolveResult:
+    """The output of a solver for a batch.
+
+    x: (B, C, H, W) reconstructions in image space ([-1, 1] units, not clipped).
+    failed: (B,) bool; a failed sample keeps its last finite state.
+    failed_step: (B,) int64, the step at which a sample failed, -1 if it did not.
+    residual: (B,) ||y - A(x)|| of the returned reconstructions.
+    seconds: wall time of the whole batch.
+    history: per-step diagnostics, each a list over steps of (B,) tensors
+        (``residual``, ``rank`` where a projector ran).
+    state: the final diffusion state (latent for latent priors), or None.
+    """
+
+    x: torch.Tensor
+    failed: torch.Tensor
+    failed_step: torch.Tensor
+    residual: torch.Tensor
+    seconds: float
+    history: dict = field(default_factory=dict)
+    state: torch.Tensor | None = None
+
+    @property
+    def failure_rate(self) -> float:
+        return float(self.failed.float().mean()) if self.failed.numel() else 0.0
+
+
+def per_sample_residual(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """||y_b - y_hat_b||_2 for every sample b: (B,). Batch members never couple."""
+    return (y - y_hat).reshape(y.shape[0], -1).norm(dim=1)
+
+
+def solver_generators(seeds, batch_size: int) -> SampleGenerators:
+    """One generator per sample for the solver's own draws.
+
+    ``seeds`` may be SampleGenerators (used as given), None (seeds 0..B-1), an int s (seeds
+    s..s+B-1) or a list of B ints; integer seeds are mapped to the ``solver`` stream of
+    :func:`~diffstategrad.rng.derive_seed`, so the solver never reuses the measurement noise.
+    """
+    if isinstance(seeds, SampleGenerators):
+        if len(seeds) != batch_size:
+            raise ValueError(f"{len(seeds)} generators for a batch of {batch_size}")
+        return seeds
+    if seeds is None:
+        seeds = list(range(batch_size))
+    elif isinstance(seeds, int):
+        seeds = list(range(seeds, seeds + batch_size))
+    seeds = list(seeds)
+    if len(seeds) != batch_size:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {batch_size}")
+    return SampleGenerators([derive_seed(s, "solver") for s in seeds])
+
+
+class FailureTracker:
+    """Marks samples whose state turns non-finite or whose residual explodes.
+
+    A failed sample keeps its last finite state, and the solver keeps running on a harmless
+    placeholder (zeros) in its slot so the rest of the batch is unaffected.
+    ``divergence_factor``: a residual above factor * max(||y_b||, 1) counts as an explosion.
+    """
+
+    def __init__(self, y: torch.Tensor, divergence_factor: float = 1e3):
+        B = y.shape[0]
+        self.failed = torch.zeros(B, dtype=torch.bool, device=y.device)
+        self.failed_step = torch.full((B,), -1, dtype=torch.long, device=y.device)
+        self.limit = divergence_factor * y.reshape(B, -1).norm(dim=1).clamp(min=1.0)
+        self.last_good: torch.Tensor | None = None
+
+    def update(self, step: int, state: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Check ``state`` after ``step``; returns the state with failed slots zeroed."""
+        B = state.shape[0]
+        bad = ~torch.isfinite(state.reshape(B, -1)).all(dim=1)
+        if residual is not None:
+            bad |= ~torch.isfinite(residual) | (residual > self.limit)
+        new = bad & ~self.failed
+        if self.last_good is None:
+            self.last_good = torch.zeros_like(state)
+        if new.any():
+            self.failed_step[new] = step
+            self.failed |= new
+        keep = ~self.failed
+        self.last_good[keep] = state[keep].detach()
+        if self.failed.any():
+            state = torch.where(self.failed.view(-1, *([1] * (state.ndim - 1))), torch.zeros_like(state), state)
+        return state
+
+    def finalize(self, state: torch.Tensor) -> torch.Tensor:
+        """The final states, failed samples replaced by their last finite state."""
+        if self.last_good is None or not self.failed.any():
+            return state
+        return torch.where(self.failed.view(-1, *([1] * (state.ndim - 1))), self.last_good, state)
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start

@@ -62,27 +62,10 @@ def test_unconditional_ddpm_samples_have_prior_variance():
     assert v_full == pytest.approx(0.25, rel=0.05)
 
 
-def _low_rank_image_prior(C=3, H=16, k=3, seed=0):
-    """Images X_c = U0 Z V0^T: a Gaussian on the k*k-dim set of matrices with fixed row and
-    column spaces (plus a tiny isotropic floor), the simplest manifold DiffStateGrad targets."""
-    g = torch.Generator().manual_seed(seed)
-    U0 = torch.linalg.qr(torch.randn(H, k, generator=g, dtype=torch.float64))[0]
-    V0 = torch.linalg.qr(torch.randn(H, k, generator=g, dtype=torch.float64))[0]
-    vecs = []
-    for c in range(C):
-        for i in range(k):
-            for j in range(k):
-                X = torch.zeros(C, H, H, dtype=torch.float64)
-                X[c] = torch.outer(U0[:, i], V0[:, j])
-                vecs.append(X.flatten())
-    Q = torch.stack(vecs, 1)
-    prior = GaussianPrior((C, H, H), 0.0, Q, torch.full((Q.shape[1],), 4.0, dtype=torch.float64), perp_var=1e-4)
-    return prior, Q, g
-
-
 def test_diffstategrad_keeps_dps_on_the_low_rank_manifold_at_large_steps():
-    prior, Q, g = _low_rank_image_prior()
     C, H = 3, 16
+    prior = GaussianPrior.low_rank_images((C, H, H), rank=3)
+    g = torch.Generator().manual_seed(0)
     mask = (torch.rand(C * H * H, generator=g) > 0.5).double()
     A = torch.diag(mask)[mask > 0]
     op = MatrixOperator(A.float(), (C, H, H))
@@ -91,8 +74,7 @@ def test_diffstategrad_keeps_dps_on_the_low_rank_manifold_at_large_steps():
     y = op(x) + 0.05 * torch.randn(n, A.shape[0], generator=g)
 
     def off_manifold(res):
-        f = res.x.reshape(n, -1).double()
-        return float((f - (f @ Q) @ Q.T).norm(dim=1).mean())
+        return float(prior.distance_to_subspace(res.x).mean())
 
     kw = dict(shape=(C, H, H), steps=100, guidance_scale=3.0, clip_x0=False, seeds=range(n))
     plain = off_manifold(dps(prior, op, y, **kw))
@@ -104,7 +86,8 @@ def test_diffstategrad_keeps_dps_on_the_low_rank_manifold_at_large_steps():
 
 
 def test_dps_is_deterministic_and_batch_independent():
-    prior, Q, g = _low_rank_image_prior(C=3, H=8, k=2)
+    prior = GaussianPrior.low_rank_images((3, 8, 8), rank=2)
+    g = torch.Generator().manual_seed(0)
     op = MatrixOperator(torch.randn(40, 192, generator=g), (3, 8, 8))
     y = op(prior.sample(3, g).float())
     # a stable step size: at large steps DPS amplifies float rounding (which differs between
@@ -153,7 +136,8 @@ def test_exploding_residual_marks_failure():
 
 
 def test_callback_history_and_solve_dispatch():
-    prior, Q, g = _low_rank_image_prior(C=3, H=8, k=2)
+    prior = GaussianPrior.low_rank_images((3, 8, 8), rank=2)
+    g = torch.Generator().manual_seed(0)
     op = MatrixOperator(torch.randn(20, 192, generator=g), (3, 8, 8))
     y = op(prior.sample(2, g).float())
     seen = []

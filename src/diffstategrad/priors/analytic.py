@@ -84,6 +84,28 @@ class GaussianPrior(DiffusionPrior):
         Q, w, _ = torch.linalg.svd(factor, full_matrices=False)
         return cls(shape, mean, Q, w**2 + perp_var, perp_var=perp_var, schedule=schedule)
 
+    @classmethod
+    def low_rank_images(cls, shape, rank: int, var: float = 4.0, perp_var: float = 1e-4, seed: int = 0, schedule=None) -> "GaussianPrior":
+        """Images whose channels are U0 Z V0^T with fixed random orthonormal U0 (H, rank) and
+        V0 (W, rank) and Gaussian Z (variance ``var``), plus an isotropic floor ``perp_var``:
+        the simplest "data manifold" DiffStateGrad's row/column-space projection targets.
+        ``eigvecs`` spans the C * rank^2 dimensional subspace."""
+        C, H, W = (int(s) for s in shape)
+        gen = torch.Generator().manual_seed(seed)
+        U0 = torch.linalg.qr(torch.randn(H, rank, generator=gen, dtype=torch.float64))[0]
+        V0 = torch.linalg.qr(torch.randn(W, rank, generator=gen, dtype=torch.float64))[0]
+        block = torch.einsum("hi,wj->ijhw", U0, V0).reshape(rank * rank, H * W)  # vec(u_i v_j^T)
+        Q = torch.zeros(C * rank * rank, C * H * W, dtype=torch.float64)
+        for c in range(C):
+            Q[c * rank * rank : (c + 1) * rank * rank, c * H * W : (c + 1) * H * W] = block
+        lam = torch.full((C * rank * rank,), float(var), dtype=torch.float64)
+        return cls((C, H, W), 0.0, Q.T.contiguous(), lam, perp_var=perp_var, schedule=schedule)
+
+    def distance_to_subspace(self, x: torch.Tensor) -> torch.Tensor:
+        """||(I - Q Q^T)(x - mu)|| per sample: how far x lies from the prior's principal subspace."""
+        r = self._flat(x) - self.mean
+        return (r - (r @ self.eigvecs) @ self.eigvecs.T).norm(dim=1)
+
     # -- moments -----------------------------------------------------------------------------------
 
     @property

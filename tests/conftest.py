@@ -12,3 +12,4 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).parent))

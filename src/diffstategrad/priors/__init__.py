@@ -1,6 +1,6 @@
 """Diffusion priors: the contract, analytic oracles and ``load_prior``."""
 
-from diffstategrad.priors.analytic import GaussianMixturePrior, GaussianPrior, linear_gaussian_posterior
+from diffstategrad.priors.analytic import GaussianMixturePrior, GaussianPrior, LinearAutoencoderPrior, linear_gaussian_posterior
 from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_timesteps
 from diffstategrad.priors.registry import list_priors, load_prior, register_prior
 
@@ -9,6 +9,7 @@ __all__ = [
     "LatentDiffusionPrior",
     "GaussianPrior",
     "GaussianMixturePrior",
+    "LinearAutoencoderPrior",
     "linear_gaussian_posterior",
     "as_timesteps",
     "load_prior",

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from diffstategrad.priors.base import DiffusionPrior, as_timesteps
+from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_timesteps
 from diffstategrad.schedules import VPSchedule, make_schedule, x0_to_eps
 
-__all__ = ["GaussianPrior", "GaussianMixturePrior", "linear_gaussian_posterior"]
+__all__ = ["GaussianPrior", "GaussianMixturePrior", "LinearAutoencoderPrior", "linear_gaussian_posterior"]
 
 
 class GaussianPrior(DiffusionPrior):
@@ -155,9 +155,10 @@ class GaussianPrior(DiffusionPrior):
         return -0.5 * (maha + logdet + d * math.log(2 * math.pi))
 
     def eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        a = self.schedule.alpha_bar(as_timesteps(t, x_t.shape[0]))
-        x0 = self.posterior_mean(x_t, a).reshape(x_t.shape)
-        return x0_to_eps(x_t.to(torch.float64), x0, a.reshape(-1, 1, 1, 1)).to(x_t.dtype)
+        return _exact_eps(self, x_t, t)
+
+    def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        return _exact_denoise(self, x, sigma)
 
 
 class GaussianMixturePrior(DiffusionPrior):
@@ -198,9 +199,72 @@ class GaussianMixturePrior(DiffusionPrior):
         return torch.cat(draws)
 
     def eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        a = self.schedule.alpha_bar(as_timesteps(t, x_t.shape[0]))
-        x0 = self.posterior_mean(x_t, a).reshape(x_t.shape)
-        return x0_to_eps(x_t.to(torch.float64), x0, a.reshape(-1, 1, 1, 1)).to(x_t.dtype)
+        return _exact_eps(self, x_t, t)
+
+    def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        return _exact_denoise(self, x, sigma)
+
+
+class LinearAutoencoderPrior(LatentDiffusionPrior):
+    """An exactly solvable latent model: a Gaussian latent prior and a linear autoencoder with
+    orthonormal decoder columns, D(z) = W vec(z), E(x) = W^T vec(x) (so E(D(z)) = z).
+
+    The implied image prior is Gaussian on range(W), so linear inverse problems have an exact
+    posterior: ``image_prior()`` returns it as a (degenerate) :class:`GaussianPrior`.
+    """
+
+    def __init__(self, latent_prior: GaussianPrior, image_shape, downsampling: int, decoder: torch.Tensor | None = None, seed: int = 0):
+        C, H, W = (int(s) for s in image_shape)
+        c, h, w = latent_prior.shape
+        if H != h * downsampling or W != w * downsampling:
+            raise ValueError(f"image {H}x{W} is not the latent {h}x{w} times {downsampling}")
+        super().__init__(latent_prior.schedule, latent_channels=c, downsampling=downsampling, image_channels=C)
+        dx, dz = C * H * W, c * h * w
+        if decoder is None:
+            gen = torch.Generator().manual_seed(seed)
+            decoder = torch.linalg.qr(torch.randn(dx, dz, generator=gen, dtype=torch.float64))[0]
+        decoder = torch.as_tensor(decoder, dtype=torch.float64)
+        if decoder.shape != (dx, dz):
+            raise ValueError(f"decoder must be ({dx}, {dz})")
+        self.latent_prior = latent_prior
+        self.image_shape = (C, H, W)
+        self.register_buffer("decoder", decoder)
+
+    def eps(self, z_t, t):
+        return self.latent_prior.eps(z_t, t)
+
+    def denoise(self, z, sigma):
+        return self.latent_prior.denoise(z, sigma)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.reshape(x.shape[0], -1).to(torch.float64) @ self.decoder
+        return z.reshape(x.shape[0], *self.latent_prior.shape).to(x.dtype)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        x = z.reshape(z.shape[0], -1).to(torch.float64) @ self.decoder.T
+        return x.reshape(z.shape[0], *self.image_shape).to(z.dtype)
+
+    def image_prior(self) -> GaussianPrior:
+        """The image-space prior N(W mu_z, W Sigma_z W^T) (zero variance off range(W))."""
+        lp = self.latent_prior
+        Qz = lp.eigvecs
+        # latent covariance = Qz diag(lam) Qz^T + s^2 (I - Qz Qz^T); map both parts through W
+        full = Qz @ torch.diag(lp.eigvals) @ Qz.T + lp.perp_var * (torch.eye(lp.dim, dtype=torch.float64) - Qz @ Qz.T)
+        lam, V = torch.linalg.eigh(full)
+        return GaussianPrior(self.image_shape, self.decoder @ lp.mean, self.decoder @ V, lam.clamp(min=0), perp_var=0.0, schedule=lp.schedule)
+
+
+def _exact_eps(prior, x_t: torch.Tensor, t) -> torch.Tensor:
+    a = prior.schedule.alpha_bar(as_timesteps(t, x_t.shape[0]))
+    x0 = prior.posterior_mean(x_t, a).reshape(x_t.shape)
+    return x0_to_eps(x_t.to(torch.float64), x0, a.reshape(-1, 1, 1, 1)).to(x_t.dtype)
+
+
+def _exact_denoise(prior, x: torch.Tensor, sigma) -> torch.Tensor:
+    """Exact E[x0 | x0 + sigma n = x] at any sigma (no timestep quantisation)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0])
+    a = 1.0 / (1.0 + sigma**2)
+    return prior.posterior_mean(x.to(torch.float64) * a.sqrt().view(-1, 1, 1, 1), a).reshape(x.shape).to(x.dtype)
 
 
 def linear_gaussian_posterior(prior: GaussianPrior, A: torch.Tensor, y: torch.Tensor, noise_sigma: float):

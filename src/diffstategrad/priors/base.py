@@ -90,6 +90,29 @@ class DiffusionPrior(nn.Module):
         _, H, W = image_shape
         return (self.channels, H, W)
 
+    # -- the sigma (variance-exploding) view, for samplers written in EDM form ----------------
+
+    def nearest_timestep(self, sigma) -> torch.Tensor:
+        """The discrete timestep whose sigma = sqrt((1 - a) / a) is nearest to ``sigma`` in
+        log space (k-diffusion's quantised DiscreteSchedule); sigmas outside the schedule's
+        range map to its ends."""
+        t = self.schedule.timestep_for_sigma(torch.as_tensor(sigma, dtype=torch.float64))
+        return t.round().long()
+
+    def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """E[x0 | x0 + sigma * n = x]: the model as an EDM-style denoiser D(x, sigma).
+
+        A VP model sees x_t = sqrt(a) x with a = 1 / (1 + sigma^2) (Karras et al. 2022,
+        Eq. 4-5). Discrete models are evaluated at the nearest timestep, whose sigma is then
+        used for the scaling so that the input noise level matches what the network expects;
+        priors that can take any sigma (the analytic ones) override this exactly.
+        ``sigma`` is a float or a (B,) tensor.
+        """
+        B = x.shape[0]
+        t = self.nearest_timestep(torch.as_tensor(sigma, dtype=torch.float64).expand(B) if torch.as_tensor(sigma).ndim == 0 else sigma)
+        a = self.schedule.alpha_bar(t, like=x)
+        return self.x0(x * a.sqrt(), t)
+
 
 class LatentDiffusionPrior(DiffusionPrior):
     """A diffusion prior in the latent space of an autoencoder.

@@ -1,11 +1,12 @@
 """Solvers with one signature; ``solve(name, ...)`` dispatches by name."""
 
 from diffstategrad.solvers.base import SolveResult
+from diffstategrad.solvers.daps import daps, latent_daps
 from diffstategrad.solvers.dps import dps
 
-SOLVERS = {"dps": dps}
+SOLVERS = {"dps": dps, "daps": daps, "latent-daps": latent_daps}
 
-__all__ = ["SOLVERS", "SolveResult", "dps", "solve"]
+__all__ = ["SOLVERS", "SolveResult", "daps", "dps", "latent_daps", "solve"]
 
 
 def solve(name: str, prior, operator, y, **kwargs) -> SolveResult:

@@ -90,6 +90,11 @@ class DiffusionPrior(nn.Module):
         _, H, W = image_shape
         return (self.channels, H, W)
 
+    def to_image(self, state: torch.Tensor) -> torch.Tensor:
+        """The image a diffusion state stands for: itself for pixel priors, its decoding for
+        latent priors (differentiable)."""
+        return state
+
     # -- the sigma (variance-exploding) view, for samplers written in EDM form ----------------
 
     def nearest_timestep(self, sigma) -> torch.Tensor:
@@ -133,6 +138,9 @@ class LatentDiffusionPrior(DiffusionPrior):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def to_image(self, state: torch.Tensor) -> torch.Tensor:
+        return self.decode(state)
 
     def state_shape(self, image_shape) -> tuple[int, int, int]:
         _, H, W = image_shape

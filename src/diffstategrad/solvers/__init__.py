@@ -3,10 +3,12 @@
 from diffstategrad.solvers.base import SolveResult
 from diffstategrad.solvers.daps import daps, latent_daps
 from diffstategrad.solvers.dps import dps
+from diffstategrad.solvers.psld import psld
+from diffstategrad.solvers.resample import resample
 
-SOLVERS = {"dps": dps, "daps": daps, "latent-daps": latent_daps}
+SOLVERS = {"dps": dps, "psld": psld, "resample": resample, "daps": daps, "latent-daps": latent_daps}
 
-__all__ = ["SOLVERS", "SolveResult", "daps", "dps", "latent_daps", "solve"]
+__all__ = ["SOLVERS", "SolveResult", "daps", "dps", "latent_daps", "psld", "resample", "solve"]
 
 
 def solve(name: str, prior, operator, y, **kwargs) -> SolveResult:

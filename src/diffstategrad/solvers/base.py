@@ -18,7 +18,7 @@ import torch
 
 from diffstategrad.rng import SampleGenerators, derive_seed
 
-__all__ = ["SolveResult", "FailureTracker", "per_sample_residual", "solver_generators", "Stopwatch"]
+__all__ = ["SolveResult", "FailureTracker", "per_sample_residual", "solver_generators", "Stopwatch", "initial_state", "finish"]
 
 
 @dataclass
@@ -121,3 +121,32 @@ class Stopwatch:
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+
+def initial_state(prior, y: torch.Tensor, shape, x_init, gens: SampleGenerators, name: str, scale: float = 1.0) -> torch.Tensor:
+    """The starting state: ``x_init`` if given, else ``scale`` * N(0, I) of the prior's state
+    shape for images of ``shape`` (C, H, W), drawn per sample."""
+    if x_init is not None:
+        return x_init.detach().clone()
+    if shape is None:
+        raise ValueError(f"{name} needs the image shape (C, H, W) or an initial state x_init")
+    state_shape = prior.state_shape(tuple(shape))
+    prior.check_size(*state_shape[1:])
+    return gens.randn(state_shape, device=y.device, dtype=y.dtype) * scale
+
+
+def finish(prior, operator, y: torch.Tensor, state: torch.Tensor, tracker: FailureTracker, clock: Stopwatch, history: dict) -> SolveResult:
+    """Decode the final state (latent priors), measure its residual and pack the result."""
+    state = tracker.finalize(state)
+    with torch.no_grad():
+        image = prior.to_image(state)
+        final_residual = per_sample_residual(y, operator(image))
+    return SolveResult(
+        x=image,
+        failed=tracker.failed.cpu(),
+        failed_step=tracker.failed_step.cpu(),
+        residual=final_residual.cpu(),
+        seconds=clock.seconds,
+        history=history,
+        state=state,
+    )

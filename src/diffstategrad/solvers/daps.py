@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from diffstategrad.operators.base import Operator
 from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad
-from diffstategrad.solvers.base import FailureTracker, SolveResult, Stopwatch, per_sample_residual, solver_generators
+from diffstategrad.solvers.base import FailureTracker, SolveResult, Stopwatch, finish, initial_state, solver_generators
 
 __all__ = ["daps", "latent_daps", "edm_sigmas"]
 
@@ -94,15 +94,7 @@ def _daps(
         raise ValueError("latent_daps needs a latent prior")
     B = y.shape[0]
     gens = solver_generators(seeds, B)
-    to_image = prior.decode if latent else (lambda z: z)
-    if x_init is None:
-        if shape is None:
-            raise ValueError("DAPS needs the image shape (C, H, W) or an initial state x_init")
-        state_shape = prior.state_shape(tuple(shape))
-        prior.check_size(*state_shape[1:])
-        x = gens.randn(state_shape, device=y.device, dtype=y.dtype) * sigma_max
-    else:
-        x = x_init.detach().clone()
+    x = initial_state(prior, y, shape, x_init, gens, "DAPS", scale=sigma_max)
 
     sigmas = edm_sigmas(sigma_max, sigma_min, steps, rho)
     sigmas = sigmas[:-1] + [0.0]  # as the official scheduler: the last forward step adds no noise
@@ -113,7 +105,7 @@ def _daps(
     bar = tqdm(total=steps, desc=name, disable=not progress, leave=False)
 
     def data_loss(x0):
-        return ((operator(to_image(x0)) - y) ** 2).reshape(B, -1).sum(1)
+        return ((operator(prior.to_image(x0)) - y) ** 2).reshape(B, -1).sum(1)
 
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -153,11 +145,7 @@ def _daps(
         bar.update()
     bar.close()
 
-    x = tracker.finalize(x)
-    with torch.no_grad():
-        image = to_image(x)
-        final_residual = per_sample_residual(y, operator(image))
-    return SolveResult(x=image, failed=tracker.failed.cpu(), failed_step=tracker.failed_step.cpu(), residual=final_residual.cpu(), seconds=clock.seconds, history=history, state=x)
+    return finish(prior, operator, y, x, tracker, clock, history)
 
 
 def daps(

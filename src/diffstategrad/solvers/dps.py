@@ -25,7 +25,7 @@ from diffstategrad.operators.base import Operator
 from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.schedules import ddim_step, ddpm_posterior, eps_to_x0, timestep_spacing, x0_to_eps
-from diffstategrad.solvers.base import FailureTracker, SolveResult, Stopwatch, per_sample_residual, solver_generators
+from diffstategrad.solvers.base import FailureTracker, SolveResult, Stopwatch, finish, initial_state, per_sample_residual, solver_generators
 
 __all__ = ["dps"]
 
@@ -91,18 +91,9 @@ def dps(
         raise ValueError("variance='learned' needs a prior with a learned variance")
 
     B = y.shape[0]
-    device = y.device
     gens = solver_generators(seeds, B)
     latent = prior.kind == "latent"
-    if x_init is None:
-        if shape is None:
-            raise ValueError("dps needs the image shape (C, H, W) or an initial state x_init")
-        state_shape = prior.state_shape(tuple(shape))
-        prior.check_size(*state_shape[1:])
-        x = gens.randn(state_shape, device=device, dtype=y.dtype)
-    else:
-        x = x_init.detach().clone()
-    to_image = prior.decode if latent else (lambda z: z)
+    x = initial_state(prior, y, shape, x_init, gens, "DPS")
 
     timesteps = timestep_spacing(prior.num_timesteps, steps, spacing)
     tracker = FailureTracker(y, divergence_factor)
@@ -121,7 +112,7 @@ def dps(
         x0 = eps_to_x0(x, eps, a_t)
         if clip_x0 and not latent:
             x0 = x0.clamp(-1, 1)
-        residual = per_sample_residual(y, operator(to_image(x0)))
+        residual = per_sample_residual(y, operator(prior.to_image(x0)))
         (grad,) = torch.autograd.grad(residual.sum(), x)
         x0, x, residual = x0.detach(), x.detach(), residual.detach()
 
@@ -152,19 +143,7 @@ def dps(
         bar.update()
     bar.close()
 
-    x = tracker.finalize(x)
-    with torch.no_grad():
-        image = to_image(x)
-        final_residual = per_sample_residual(y, operator(image))
-    return SolveResult(
-        x=image,
-        failed=tracker.failed.cpu(),
-        failed_step=tracker.failed_step.cpu(),
-        residual=final_residual.cpu(),
-        seconds=clock.seconds,
-        history=history,
-        state=x,
-    )
+    return finish(prior, operator, y, x, tracker, clock, history)
 
 
 def _ddpm_variance(kind: str, var_small: torch.Tensor, var_large: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""The solver-defaults table (configs/solvers.yaml): per solver, per task preset.
+
+``solver_defaults("dps", "box_inpainting")`` returns the keyword arguments the solver runs with
+by default for that task (shared ``all`` settings merged with the task's own), so the CLI and
+the evaluation grid take every default from one place.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import yaml
+
+from diffstategrad.resources import config_path
+
+__all__ = ["solver_defaults", "solver_table", "solver_source"]
+
+
+@functools.lru_cache(maxsize=1)
+def solver_table() -> dict:
+    path: Path = config_path("solvers.yaml")
+    table = yaml.safe_load(path.read_text())
+    if not isinstance(table, dict):
+        raise ValueError(f"{path} is not a mapping of solvers")
+    return table
+
+
+def _entry(solver: str) -> dict:
+    table = solver_table()
+    if solver not in table:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(table)}")
+    return table[solver]
+
+
+def solver_defaults(solver: str, task: str | None = None) -> dict:
+    """Default keyword arguments of ``solver`` for ``task`` (a preset name, or None for the
+    settings shared by all tasks)."""
+    entry = _entry(solver)
+    out = dict(entry.get("all") or {})
+    if task is not None:
+        out.update((entry.get("tasks") or {}).get(task, {}))
+    return out
+
+
+def solver_source(solver: str) -> str:
+    """Which official configuration the solver's defaults follow."""
+    return _entry(solver).get("source", "")

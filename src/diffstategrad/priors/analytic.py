@@ -255,7 +255,7 @@ class LinearAutoencoderPrior(LatentDiffusionPrior):
 
 
 def _exact_eps(prior, x_t: torch.Tensor, t) -> torch.Tensor:
-    a = prior.schedule.alpha_bar(as_timesteps(t, x_t.shape[0]))
+    a = prior.schedule.alpha_bar(as_timesteps(t, x_t.shape[0])).to(x_t.device)
     x0 = prior.posterior_mean(x_t, a).reshape(x_t.shape)
     return x0_to_eps(x_t.to(torch.float64), x0, a.reshape(-1, 1, 1, 1)).to(x_t.dtype)
 

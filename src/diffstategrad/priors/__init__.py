@@ -4,6 +4,9 @@ from diffstategrad.priors.analytic import GaussianMixturePrior, GaussianPrior, L
 from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_timesteps
 from diffstategrad.priors.registry import list_priors, load_prior, register_prior
 
+# Checkpoint formats register themselves with load_prior when imported.
+from diffstategrad.priors import compvis, converted, diffusers_loader, guided_diffusion  # noqa: E402,F401  isort: skip
+
 __all__ = [
     "DiffusionPrior",
     "LatentDiffusionPrior",

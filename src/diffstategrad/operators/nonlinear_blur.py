@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffstategrad.priors.checkpoints import CheckpointMismatchError, build_on_meta, load_state_dict_file
 from diffstategrad.operators.base import Operator, check_image_batch
 
 __all__ = [
@@ -276,50 +277,18 @@ def kernel_code(channels: int, grid, seed: int = 0, scale: float = 1.2) -> torch
     return torch.from_numpy(float(scale) * draw)
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint whose keys or shapes do not match the network."""
-
-
-def _list_keys(keys, limit: int = 5) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    return f"{shown}{', ...' if len(keys) > limit else ''} ({len(keys)} in all)"
-
-
 def load_kernel_wizard(path, config: KernelWizardConfig | None = None) -> KernelWizard:
-    """Build a :class:`KernelWizard` and load a bkse checkpoint into it, strictly.
+    """Build a :class:`KernelWizard` and load a bkse checkpoint into it, strictly and safely.
 
     The file must hold a state_dict (bkse saves ``network.state_dict()``); a leading ``module.``
-    on the keys is removed, as bkse's own ``load_network`` does. Loaded with weights_only=True.
-    Raises FileNotFoundError for a missing file and :class:`CheckpointMismatchError` (naming the
-    first missing, unexpected and mis-shaped keys) for a checkpoint of another layout.
+    on the keys is removed, as bkse's own ``load_network`` does. Read through
+    :mod:`diffstategrad.priors.checkpoints` (weights_only / restricted unpickling); a missing
+    file raises FileNotFoundError and a checkpoint of another layout
+    :class:`~diffstategrad.priors.checkpoints.CheckpointMismatchError` naming the first
+    missing, unexpected and mis-shaped keys.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"bkse checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatchError(f"{path} does not hold a state_dict of tensors (found {type(state).__name__})")
-    state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
-
-    with torch.device("meta"):  # no random weights, not even for a moment
-        network = KernelWizard(config)
-    expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                 if k in state and state[k].shape != v.shape]
-    if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {_list_keys(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys: {_list_keys(unexpected)}")
-        if misshaped:
-            problems.append(f"mis-shaped (checkpoint vs network): {_list_keys(misshaped)}")
-        raise CheckpointMismatchError(
-            f"{path} is not a bkse KernelWizard checkpoint for {asdict(network.config)}; " + "; ".join(problems))
-    network.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    network = build_on_meta(KernelWizard, config)  # no random weights, not even for a moment
+    load_state_dict_file(network, path, what="bkse KernelWizard", strip_prefixes=("module.",))
     return network.eval().requires_grad_(False)
 
 

@@ -5,7 +5,7 @@ from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_t
 from diffstategrad.priors.registry import list_priors, load_prior, register_prior
 
 # Checkpoint formats register themselves with load_prior when imported.
-from diffstategrad.priors import compvis, converted, diffusers_loader, guided_diffusion  # noqa: E402,F401  isort: skip
+from diffstategrad.priors import builtin, compvis, converted, diffusers_loader, guided_diffusion  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "DiffusionPrior",

@@ -41,6 +41,7 @@ SCHEDULE_KEY = "schedule.alphas_cumprod"
 
 
 def _builders() -> dict[str, Callable[[dict, VPSchedule], DiffusionPrior]]:
+    from diffstategrad.priors.builtin import BuiltinLatentPrior, BuiltinPixelPrior
     from diffstategrad.priors.compvis import CompVisLatentPrior
     from diffstategrad.priors.diffusers_loader import diffusers_prior_from_spec
     from diffstategrad.priors.guided_diffusion import GuidedDiffusionPrior
@@ -49,6 +50,8 @@ def _builders() -> dict[str, Callable[[dict, VPSchedule], DiffusionPrior]]:
         GuidedDiffusionPrior.format_name: GuidedDiffusionPrior.from_spec,
         CompVisLatentPrior.format_name: CompVisLatentPrior.from_spec,
         "diffusers": diffusers_prior_from_spec,
+        BuiltinPixelPrior.format_name: BuiltinPixelPrior.from_spec,
+        BuiltinLatentPrior.format_name: BuiltinLatentPrior.from_spec,
     }
 
 
@@ -57,8 +60,8 @@ def save_converted(prior: DiffusionPrior, out_dir, source: str = "", overwrite: 
     export = getattr(prior, "export", None)
     fmt = getattr(prior, "format_name", None)
     if export is None or fmt not in _builders():
-        raise TypeError(f"{type(prior).__name__} cannot be converted (only guided-diffusion, compvis-ldm and "
-                        "diffusers priors can)")
+        raise TypeError(f"{type(prior).__name__} cannot be converted (only guided-diffusion, compvis-ldm, "
+                        "diffusers and built-in priors can)")
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace its files")

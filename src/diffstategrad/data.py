@@ -204,6 +204,11 @@ def build_dataset(out: str | os.PathLike, opencv_dir: str | os.PathLike | None =
     return manifest
 
 
+def default_data_dir() -> Path:
+    """The prepared dataset folder: $DIFFSTATEGRAD_DATA, else ./data/photos."""
+    return Path(os.environ.get("DIFFSTATEGRAD_DATA", "data/photos")).expanduser()
+
+
 def load_split(root: str | os.PathLike, split: str = "train") -> dict[str, np.ndarray]:
     """The images of one split of a prepared folder, as RGB uint8 arrays by name (sorted).
 

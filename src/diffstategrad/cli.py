@@ -161,7 +161,7 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
     from diffstategrad.images import comparison_figure, save_image
     from diffstategrad.metrics import get_lpips
     from diffstategrad.operators import load_task
-    from diffstategrad.pipeline import LATENT_SOLVERS, PipelineError, measurement_image, resolve_device, resolve_model, run_case, solver_kwargs
+    from diffstategrad.pipeline import LATENT_SOLVERS, PipelineError, defaults_profile, measurement_image, resolve_device, resolve_model, run_case, solver_kwargs
 
     if no_dsg and compare:
         raise UserError("--no-diffstategrad and --compare exclude each other")
@@ -169,8 +169,8 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
     try:
         dev = resolve_device(device)
         preset = load_task(task, overrides or None)
-        kwargs = solver_kwargs(solver, task, steps=steps, guidance_scale=guidance_scale)
         prior, model_label = resolve_model(model, solver, dev)
+        kwargs = solver_kwargs(solver, task, steps=steps, guidance_scale=guidance_scale, profile=defaults_profile(model_label))
     except (PipelineError, ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc).splitlines()[0]) from None
     size = size or (128 if solver in LATENT_SOLVERS else 64)

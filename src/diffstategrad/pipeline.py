@@ -24,7 +24,7 @@ from diffstategrad.priors import DiffusionPrior, load_prior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.solvers import SOLVERS, SolveResult, solve
 
-__all__ = ["LATENT_SOLVERS", "resolve_model", "resolve_device", "CaseResult", "run_case", "measurement_image", "evaluate_item", "solver_kwargs"]
+__all__ = ["LATENT_SOLVERS", "resolve_model", "resolve_device", "defaults_profile", "CaseResult", "run_case", "measurement_image", "evaluate_item", "solver_kwargs"]
 
 LATENT_SOLVERS = ("psld", "resample", "latent-daps")
 
@@ -66,12 +66,19 @@ def resolve_model(spec: str | None, solver: str, device: torch.device) -> tuple[
     return prior.to(device).eval(), label
 
 
-def solver_kwargs(solver: str, task: str, *, steps=None, guidance_scale=None, guidance_multiplier: float = 1.0, overrides=None) -> dict:
-    """The solver's keyword arguments: the table's defaults for the task, then the caller's
-    values. ``guidance_multiplier`` scales the default guidance (the evaluation grid)."""
+def defaults_profile(model_label: str) -> str | None:
+    """Built-in models run with the table's ``builtin`` defaults; every other model with the
+    official ones."""
+    return "builtin" if model_label.startswith("builtin:") else None
+
+
+def solver_kwargs(solver: str, task: str, *, steps=None, guidance_scale=None, guidance_multiplier: float = 1.0, overrides=None, profile: str | None = None) -> dict:
+    """The solver's keyword arguments: the table's defaults for the task (and ``profile``), then
+    the caller's values. ``guidance_multiplier`` scales the default guidance (the evaluation
+    grid)."""
     if solver not in SOLVERS:
         raise PipelineError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
-    kwargs = solver_defaults(solver, task)
+    kwargs = solver_defaults(solver, task, profile)
     kwargs["guidance_scale"] = float(kwargs.get("guidance_scale", 1.0)) * float(guidance_multiplier)
     if guidance_scale is not None:
         kwargs["guidance_scale"] = float(guidance_scale)
@@ -134,15 +141,16 @@ def _worker_state(context: dict) -> dict:
 
         torch.set_num_threads(int(context.get("threads", 1)))
         device = resolve_device(context.get("device"))
-        priors = {}
+        priors, profiles = {}, {}
         for solver in context["solvers"]:
             kind = "latent" if solver in LATENT_SOLVERS else "pixel"
             if kind not in priors:
-                priors[kind] = resolve_model(context.get("models", {}).get(kind), solver, device)[0]
+                priors[kind], label = resolve_model(context.get("models", {}).get(kind), solver, device)
+                profiles[kind] = defaults_profile(label)
         size = context["size"]
         images = {name: load_image(path, size).image.to(device) for name, path in context["images"].items()}
         _STATE.clear()
-        _STATE.update(key=key, device=device, priors=priors, images=images, lpips=get_lpips("vgg", device=device))
+        _STATE.update(key=key, device=device, priors=priors, profiles=profiles, images=images, lpips=get_lpips("vgg", device=device))
     return _STATE
 
 
@@ -161,7 +169,7 @@ def evaluate_item(item: dict, context: dict) -> dict:
     task = load_task(item["task"], context.get("task_overrides"))
     problem = task.build(tuple(x.shape[1:]), seeds=[item["seed"]], device=x.device)
     y = problem.measure(x, seeds=[item["seed"]])
-    kwargs = solver_kwargs(item["solver"], item["task"], steps=context.get("steps"), guidance_multiplier=item["guidance_scale"])
+    kwargs = solver_kwargs(item["solver"], item["task"], steps=context.get("steps"), guidance_multiplier=item["guidance_scale"], profile=state["profiles"][kind])
     projector = DiffStateGrad(**context.get("projector", {})) if item["diffstategrad"] else None
     case = run_case(prior, problem, x, y, item["solver"], kwargs, projector, item["seed"], lpips=state["lpips"])
     out = Path(context["out"]) / "images"

@@ -33,13 +33,25 @@ def _entry(solver: str) -> dict:
     return table[solver]
 
 
-def solver_defaults(solver: str, task: str | None = None) -> dict:
+def solver_defaults(solver: str, task: str | None = None, profile: str | None = None) -> dict:
     """Default keyword arguments of ``solver`` for ``task`` (a preset name, or None for the
-    settings shared by all tasks)."""
+    settings shared by all tasks).
+
+    ``profile="builtin"`` applies the solver's ``builtin`` block on top: fewer steps and guidance
+    scales tuned on the small built-in models (benchmarks/tune_builtin.py), so that they run in
+    seconds on a CPU. The official values stay the defaults for every other model.
+    """
     entry = _entry(solver)
     out = dict(entry.get("all") or {})
     if task is not None:
         out.update((entry.get("tasks") or {}).get(task, {}))
+    if profile is not None:
+        block = entry.get(profile)
+        if block is None:
+            raise ValueError(f"solver {solver!r} has no {profile!r} defaults")
+        out.update(block.get("all") or {})
+        if task is not None:
+            out.update((block.get("tasks") or {}).get(task, {}))
     return out
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/denoise_quality.py runs/pixel                 # a run folder (EMA weights of checkpoint.pt)
     python benchmarks/denoise_quality.py path/to/pixel.safetensors  # an exported model
+    python benchmarks/denoise_quality.py src/diffstategrad/weights/pixel  # a shipped (converted) folder
     python benchmarks/denoise_quality.py runs/pixel --json out.json --data data/photos
 
 Protocol (issue 3's quality bar):
@@ -119,16 +120,41 @@ def tune_baselines(crops: np.ndarray, noisy: np.ndarray, sigma: float) -> dict:
     }
 
 
+def cached_baselines(crops: np.ndarray, labels: list[str], noisy: np.ndarray, size: int, sigma: float, seed: int,
+                     cache_path: Path, cache: dict | None = None) -> dict:
+    """``tune_baselines`` for these crops and level, through the JSON cache at ``cache_path``
+    (keyed by the crops, the level, the seed and the tuning grids)."""
+    cache_path = Path(cache_path)
+    if cache is None:
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    key = hashlib.sha256(json.dumps([labels, size, sigma, seed, TV_WEIGHTS, WAVELET_SIGMA_SCALES, WAVELETS,
+                                     hashlib.sha256(crops.tobytes()).hexdigest()]).encode()).hexdigest()[:16]
+    if key not in cache:
+        cache[key] = tune_baselines(crops, noisy, sigma)
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        cache_path.write_text(json.dumps(cache, indent=1))
+    return cache[key]
+
+
 # -- the prior ----------------------------------------------------------------------------------
 
 
 def load_prior_from(path: str):
-    """A DiffusionPrior around the UNet of a run folder, a checkpoint.pt or an exported .safetensors."""
+    """A DiffusionPrior around the UNet of a run folder, a checkpoint.pt, an exported
+    .safetensors or a converted (shipped) folder."""
     from diffstategrad.priors.base import DiffusionPrior, as_timesteps
     from diffstategrad.schedules import make_schedule
     from diffstategrad.train import load_checkpoint_model, load_exported
 
     p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        from diffstategrad.priors.converted import load_converted
+
+        prior = load_converted(p)
+        if prior.kind != "pixel":
+            raise ValueError(f"{p} holds a {prior.kind} prior; use benchmarks/latent_quality.py")
+        info = getattr(prior, "info", {})
+        return prior.eval(), {"source": str(p), "step": info.get("steps"), "images_seen": info.get("images_seen")}
     if p.suffix == ".safetensors":
         net, record = load_exported(p)
         schedule = make_schedule(record["schedule"]["name"], record["schedule"]["num_timesteps"])
@@ -198,14 +224,8 @@ def main(argv=None) -> int:
         crops, labels = held_out_crops(args.data, size, per_image, args.seed)
         for sigma in sigmas:
             noisy = noisy_versions(crops, sigma, args.seed, size)
-            key = hashlib.sha256(json.dumps([labels, size, sigma, args.seed, TV_WEIGHTS, WAVELET_SIGMA_SCALES, WAVELETS,
-                                             hashlib.sha256(crops.tobytes()).hexdigest()]).encode()).hexdigest()[:16]
             t0 = time.time()
-            if key not in cache:
-                cache[key] = tune_baselines(crops, noisy, sigma)
-                cache_path.parent.mkdir(parents=True, exist_ok=True)
-                cache_path.write_text(json.dumps(cache, indent=1))
-            base = cache[key]
+            base = cached_baselines(crops, labels, noisy, size, sigma, args.seed, cache_path, cache)
             row = {"size": size, "sigma": sigma, "crops": len(crops),
                    "noisy": float(np.mean([psnr(n, c) for n, c in zip(noisy, crops)])),
                    "tv": base["tv"], "wavelet": base["wavelet"], "baseline_at_grid_edge": base["best_at_grid_edge"]}

@@ -1,7 +1,11 @@
-"""Training: a few steps on a tiny synthetic dataset, exact resume, clean stop on SIGTERM, export."""
+"""Training: a few steps of each mode (pixel, autoencoder, latent) on a tiny synthetic dataset,
+exact resume, clean stop on SIGTERM, the time box, checkpoints read with weights_only, exports
+(including the shipped converted folders and their self-containedness), transfer shards."""
 
 import csv
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,8 +18,23 @@ import torch
 from PIL import Image
 
 from diffstategrad.data import RandomCrops
+from diffstategrad.priors import load_prior
+from diffstategrad.priors.small_autoencoder import TINY_AUTOENCODER_CONFIG
 from diffstategrad.priors.unet import TINY_UNET_CONFIG
-from diffstategrad.train import Trainer, export_weights, load_checkpoint_model, load_exported, pixel_settings
+from diffstategrad.train import (
+    CHECKPOINT_FORMAT,
+    Trainer,
+    autoencoder_settings,
+    export_builtin,
+    export_weights,
+    join_shards,
+    latent_settings,
+    load_autoencoder,
+    load_checkpoint_model,
+    load_exported,
+    pixel_settings,
+    split_shards,
+)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +158,226 @@ def test_worker_processes_give_the_same_batches(tiny_data):
     pooled = PixelTask(settings | {"workers": 2}).batches(2)
     for _ in range(3):
         assert torch.equal(next(inline), next(pooled))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoencoder and latent modes, time box, checkpoints read with weights_only, shipped folders
+# ---------------------------------------------------------------------------------------------
+
+def _quiet():
+    return lambda m: None
+
+
+def _ae_settings(data, steps, **kw):
+    return autoencoder_settings(data, crop=16, batch=4, steps=steps, warmup=2, model=TINY_AUTOENCODER_CONFIG,
+                                bf16=False, log_every=1, checkpoint_minutes=60, **kw)
+
+
+def _latent_settings(data, ae, steps, **kw):
+    return latent_settings(data, ae, crop=32, batch=2, steps=steps, warmup=2, model=TINY_UNET_CONFIG, bf16=False,
+                           log_every=1, checkpoint_minutes=60, scale_images=6, **kw)
+
+
+def _train(settings, run, **kw):
+    trainer = Trainer(settings, run, echo=_quiet())
+    try:
+        trainer.train(install_signal_handlers=False, **kw)
+    finally:
+        trainer.close()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def ae_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ae") / "run"
+    _train(_ae_settings(tiny_data, 3), run)
+    return run
+
+
+def _check_interrupted_equals_straight(settings, tmp_path, stop_at):
+    straight = _train(settings, tmp_path / "straight")
+    run = tmp_path / "interrupted"
+    first = _train(settings, run, on_step=lambda tr: tr.request_stop() if tr.step == stop_at else None)
+    assert first.step == stop_at and (run / "checkpoint.pt").is_file()
+    second = Trainer(settings, run, echo=_quiet())
+    assert second.resumed_from == stop_at
+    for k, v in _state(first).items():
+        assert torch.equal(v, _state(second)[k]), k
+    second.train(install_signal_handlers=False)
+    second.close()
+    assert second.step == settings["steps"]
+    for k, v in _state(straight).items():
+        assert torch.equal(v, _state(second)[k]), k
+    with open(run / "loss.csv") as fh:
+        resumed_log = list(csv.reader(fh))
+    with open(tmp_path / "straight" / "loss.csv") as fh:
+        straight_log = list(csv.reader(fh))
+    assert [r[:4] + r[7:] for r in resumed_log] == [r[:4] + r[7:] for r in straight_log]
+    return straight, second
+
+
+def test_autoencoder_run_resumes_exactly_and_logs_psnr(tiny_data, tmp_path):
+    straight, resumed = _check_interrupted_equals_straight(_ae_settings(tiny_data, 4), tmp_path, stop_at=2)
+    with open(tmp_path / "straight" / "loss.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][-1] == "psnr" and all(float(r[-1]) > 0 for r in rows[1:])
+    export = tmp_path / "interrupted" / "export" / "autoencoder.safetensors"
+    ae, summary = load_autoencoder(export)
+    assert summary["steps"] == 4 and summary["parameters"] == sum(p.numel() for p in ae.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(ae.decode(ae.encode(torch.zeros(1, 3, 16, 16))),
+                                   resumed.ema.decode(resumed.ema.encode(torch.zeros(1, 3, 16, 16))), rtol=0, atol=0)
+
+
+def test_latent_run_resumes_exactly(tiny_data, ae_run, tmp_path):
+    straight, resumed = _check_interrupted_equals_straight(_latent_settings(tiny_data, ae_run, 4), tmp_path, stop_at=2)
+    assert straight.task.scale_factor == resumed.task.scale_factor
+    ae, _ = load_autoencoder(ae_run)
+    for k, v in ae.state_dict().items():  # the frozen autoencoder is the autoencoder run's EMA
+        assert torch.equal(v, resumed.task.autoencoder.state_dict()[k]), k
+    with torch.no_grad():  # scale factor = 1 / std of the latents of the fixed crops
+        crops = straight.task.dataset.batch(2**40, 6)
+        assert abs(straight.task.scale_factor * ae.encode(crops).double().std().item() - 1) < 1e-6
+
+
+def test_checkpoints_load_with_weights_only(tiny_data, ae_run, tmp_path):
+    _train(_latent_settings(tiny_data, ae_run, 1), tmp_path / "latent")
+    _train(_settings(tiny_data, 1), tmp_path / "pixel")
+    for path in (tmp_path / "pixel" / "checkpoint.pt", ae_run / "checkpoint.pt", tmp_path / "latent" / "checkpoint.pt"):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no extra globals needed
+        assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["version"] == 2
+    assert set(ckpt["task"]) == {"autoencoder_config", "autoencoder", "scale_factor", "autoencoder_summary"}
+
+
+def test_version_1_checkpoint_still_resumes(tiny_data, tmp_path):
+    """Checkpoints of the first trainer (numpy's RNG state as a tuple, no task state) resume."""
+    run = tmp_path / "run"
+    trainer = _train(_settings(tiny_data, 2), run)
+    old = trainer.state_dict()
+    old.update(version=1, numpy_rng=np.random.get_state())
+    del old["task"], old["info"]
+    torch.save(old, run / "checkpoint.pt")
+    with pytest.raises(Exception):
+        torch.load(run / "checkpoint.pt", weights_only=True)  # plain weights_only refuses the ndarray
+    resumed = Trainer(_settings(tiny_data, 3), run, echo=_quiet())
+    assert resumed.resumed_from == 2
+    resumed.train(install_signal_handlers=False)
+    resumed.close()
+    assert resumed.step == 3
+
+
+@pytest.mark.parametrize("mode", ["pixel", "autoencoder"])
+def test_max_minutes_stops_cleanly_and_exports(tiny_data, tmp_path, mode):
+    settings = (_settings if mode == "pixel" else _ae_settings)(tiny_data, 100000, max_minutes=1e-4)
+    trainer = Trainer(settings, tmp_path / "run", echo=_quiet())
+    result = trainer.train(install_signal_handlers=False)
+    trainer.close()
+    assert result["time_boxed"] and not result["finished"] and 1 <= result["step"] < 100
+    assert (tmp_path / "run" / "export" / f"{mode}.safetensors").is_file()
+    assert load_checkpoint_model(tmp_path / "run")[1]["step"] == result["step"]
+
+
+def test_export_builtin_pixel_loads_through_load_prior(tiny_data, tmp_path):
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    trainer = _train(_settings(tiny_data, 2), run)
+    folder = export_builtin(run, tmp_path / "export" / "pixel", name="pixel-test")
+    prior = load_prior("converted", folder)
+    assert prior.kind == "pixel" and prior.format_name == "builtin-pixel"
+    x, t = torch.randn(2, 3, 16, 24), torch.tensor([5, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(prior.eps(x, t), trainer.ema(x, t), rtol=0, atol=0)
+    info = json.loads((folder / "config.json").read_text())["spec"]["info"]
+    for key in ("kind", "parameters", "crop", "steps", "images_seen", "wall_time_s", "device", "batch", "lr", "data",
+                "schedule", "command"):
+        assert key in info, key
+    assert info["name"] == "pixel-test" and info["kind"] == "pixel" and info["steps"] == 2 and info["crop"] == 16
+    assert info["data"]["train_images"] == ["img0", "img1", "img2"]
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
+        dtypes = {k: fh.get_tensor(k).dtype for k in fh.keys()}
+    assert {d for k, d in dtypes.items() if k != "schedule.alphas_cumprod"} == {torch.float32}
+    with pytest.raises(FileExistsError):
+        export_builtin(run, folder)
+    export_builtin(run, folder, overwrite=True)
+    ae_trainer = _train(_ae_settings(tiny_data, 1), tmp_path / "ae")
+    with pytest.raises(ValueError, match="not a diffusion prior"):
+        export_builtin(ae_trainer, tmp_path / "x")
+
+
+def test_latent_export_is_self_contained(tiny_data, ae_run, tmp_path):
+    ae_copy = tmp_path / "ae"
+    shutil.copytree(ae_run, ae_copy)
+    run = tmp_path / "latent"
+    _train(_latent_settings(tiny_data, ae_copy, 2), run)
+    shutil.rmtree(ae_copy)  # the autoencoder run is gone: the latent run carries its weights
+    trainer = _train(_latent_settings(tiny_data, ae_copy, 3), run)  # resumes
+    assert trainer.step == 3 and (run / "export" / "latent" / "model.safetensors").is_file()
+    folder = export_builtin(run, tmp_path / "export" / "latent")
+    prior = load_prior("converted", folder)
+    assert prior.kind == "latent" and prior.format_name == "builtin-latent"
+    assert prior.state_shape((3, 64, 96)) == (3, 16, 24)
+    x = torch.rand(2, 3, 64, 96) * 2 - 1
+    with torch.no_grad():
+        z = prior.encode(x)
+        assert z.shape == (2, 3, 16, 24)
+        torch.testing.assert_close(z, trainer.task.autoencoder.encode(x) * trainer.task.scale_factor)
+        assert prior.decode(z).shape == x.shape
+        eps = prior.eps(z, torch.tensor([10, 500]))
+        torch.testing.assert_close(eps, trainer.ema(z, torch.tensor([10, 500])), rtol=0, atol=0)
+    info = json.loads((folder / "config.json").read_text())["spec"]["info"]
+    assert info["kind"] == "latent" and info["scale_factor"] == trainer.task.scale_factor
+    assert info["parameters"] == info["unet_parameters"] + info["autoencoder_parameters"]
+    assert info["autoencoder"]["steps"] == 3 and info["autoencoder"]["kl_weight"] == 1e-6
+    assert info["size_multiple"] == 32 and info["downsampling"] == 4 and "multiples of 32" in info["size_rule"]
+
+
+def test_shards_round_trip(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"layer{i}.weight": torch.randn(300, 256, generator=gen) for i in range(8)}  # 300 KiB each
+    tensors["schedule"] = torch.linspace(0, 1, 1000, dtype=torch.float64)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "builtin-pixel", "x": "1"})
+    parts = split_shards(tmp_path / "model.safetensors", tmp_path / "transfer" / "pixel", max_bytes=2**20)
+    assert len(parts) >= 3 and all(p.stat().st_size <= 2**20 for p in parts)
+    assert all(p.name.startswith("pixel.part") and p.suffix == ".safetensors" for p in parts)
+    out = join_shards(reversed(parts), tmp_path / "joined" / "model.safetensors")
+    joined = load_file(str(out))
+    assert set(joined) == set(tensors) and all(torch.equal(joined[k], tensors[k]) for k in tensors)
+    with safe_open(str(out), framework="pt") as fh:
+        assert fh.metadata() == {"format": "builtin-pixel", "x": "1"}
+    with pytest.raises(ValueError, match="shards"):
+        join_shards(parts[:-1], tmp_path / "bad.safetensors")
+    damaged = load_file(str(parts[0]))
+    first = sorted(damaged)[0]
+    damaged[first] = damaged[first] + 1
+    with safe_open(str(parts[0]), framework="pt") as fh:
+        meta = fh.metadata()
+    save_file(damaged, str(parts[0]), metadata=meta)
+    with pytest.raises(ValueError, match="differ"):
+        join_shards(parts, tmp_path / "bad.safetensors")
+
+
+def test_command_line_chain(tiny_data, tmp_path):
+    from diffstategrad.train import main
+
+    def cli(*args):
+        with pytest.raises(SystemExit) as exc:
+            main([str(a) for a in args])
+        assert exc.value.code == 0
+
+    common = ["--data", tiny_data, "--tiny", "--no-bf16", "--log-every", "1", "--steps", "100000", "--max-minutes", "0.0001"]
+    cli("autoencoder", "--out", tmp_path / "ae", "--crop", "16", "--batch", "2", *common)
+    cli("latent", "--out", tmp_path / "latent", "--autoencoder", tmp_path / "ae" / "export" / "autoencoder.safetensors",
+        "--crop", "32", "--batch", "2", "--scale-images", "4", *common)
+    cli("export-builtin", tmp_path / "latent", "--out", tmp_path / "latent-folder")
+    prior = load_prior("converted", tmp_path / "latent-folder")
+    info = prior.info
+    assert info["command"].startswith("python -m diffstategrad.train latent --out ")
+    assert info["max_minutes"] == 0.0001 and info["autoencoder"]["export"].endswith("autoencoder.safetensors")
+    with pytest.raises(SystemExit) as exc:
+        main(["latent", "--out", str(tmp_path / "x"), "--autoencoder", str(tmp_path / "ae"), "--data", str(tiny_data),
+              "--crop", "48"])
+    assert exc.value.code == 2  # not a multiple of 32

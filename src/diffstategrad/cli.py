@@ -445,7 +445,7 @@ def models_command(as_json: bool):
         click.echo(f"  kind: {r['kind']}, {r['parameters']:,} parameters, {r['size_mb']} MB")
         if info.get("size_rule"):
             click.echo(f"  sizes: {info['size_rule']}")
-        summary = ", ".join(f"{k} {info[k]}" for k in ("steps", "images_seen", "wall_time", "device", "crop") if k in info)
+        summary = ", ".join(f"{k.replace('_', ' ')} {info[k]}" for k in ("steps", "images_seen", "wall_time_s", "device", "crop") if k in info)
         if summary:
             click.echo(f"  training: {summary}")
 

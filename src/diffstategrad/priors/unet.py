@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["UNet", "PIXEL_UNET_CONFIG", "TINY_UNET_CONFIG", "timestep_embedding", "count_parameters"]
+__all__ = ["UNet", "PIXEL_UNET_CONFIG", "LATENT_UNET_CONFIG", "TINY_UNET_CONFIG", "timestep_embedding", "count_parameters"]
 
 # The shipped pixel prior: 5,187,491 parameters. Widths (32, 64, 96, 128) with two blocks per
 # level were chosen over wider one-block variants (48-96-144-192: 7.3M, 64-128-192-256: 14M)
@@ -47,6 +47,22 @@ PIXEL_UNET_CONFIG: dict[str, Any] = {
     "middle_blocks": 2,
     "max_groups": 32,
     "time_embed_dim": 128,
+    "dropout": 0.0,
+}
+
+# The shipped latent prior's network, on the 3-channel latents of the small autoencoder
+# (priors/small_autoencoder.py, f4): 4,456,419 parameters, so that autoencoder (1,522,121) +
+# UNet = 5,978,540 <= 6.0M. Latents are 4x smaller than images, so the top level can afford
+# 64 channels; one block per level (two on the way up) and three halvings: latents must be
+# multiples of 8, images multiples of 32 (trained on 128x128 crops = 32x32 latents).
+LATENT_UNET_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "channels": [64, 96, 96, 128],
+    "blocks_per_level": 1,
+    "middle_blocks": 1,
+    "max_groups": 32,
+    "time_embed_dim": 256,
     "dropout": 0.0,
 }
 

@@ -332,13 +332,14 @@ def _image_set(images: str | None, size: int) -> dict[str, str]:
 @click.option("--var-cutoff", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True)
 @click.option("--period", type=click.IntRange(0), default=1, show_default=True)
 @click.option("--rank-rule", type=click.Choice(["reference", "per_channel"]), default="reference", show_default=True)
+@click.option("--diffstategrad", "dsg_mode", type=click.Choice(["both", "with", "without"]), default="both", show_default=True, help="Run each item with and/or without the projector.")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Local worker processes.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Torch threads per worker.")
 @click.option("--ray", "ray_address", default=None, help="Send the items to a Ray cluster at this address ('local' starts one here).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, help="Output folder (re-running the same command resumes it).")
 @click.option("--quiet", is_flag=True)
-def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps, model, latent_model, var_cutoff, period, rank_rule, workers, threads, ray_address, device, out, quiet):
+def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps, model, latent_model, var_cutoff, period, rank_rule, dsg_mode, workers, threads, ray_address, device, out, quiet):
     """Run tasks x solvers x {without, with DiffStateGrad} x guidance scales x seeds over a set of
     images; write records.jsonl (one line per item, resumable), summary.csv, summary.md and the
     robustness figures."""
@@ -376,7 +377,8 @@ def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps
         if changed:
             raise UserError(f"{out_dir} holds an evaluation with other settings ({', '.join(changed)}); use another --out")
     atomic_write_text(settings_path, json.dumps(_plain(settings), indent=2))
-    grid = make_grid(list(image_files), task_list, solver_list, scales, seed_list)
+    projector_modes = {"both": (False, True), "with": (True,), "without": (False,)}[dsg_mode]
+    grid = make_grid(list(image_files), task_list, solver_list, scales, seed_list, projector_modes)
     store = RecordStore(out_dir / "records.jsonl", item_key)
     done_before = sum(it.key in store for it in grid)
     if done_before:

@@ -50,11 +50,13 @@ def item_key(record: dict) -> str:
     )
 
 
-def make_grid(images: Sequence[str], tasks: Sequence[str], solvers: Sequence[str], guidance_scales: Sequence[float], seeds: Sequence[int]) -> list[EvalItem]:
-    """Every combination, ordered so that partial runs cover whole (task, solver) cells early."""
+def make_grid(images: Sequence[str], tasks: Sequence[str], solvers: Sequence[str], guidance_scales: Sequence[float], seeds: Sequence[int],
+              projector: Sequence[bool] = (False, True)) -> list[EvalItem]:
+    """Every combination, ordered so that partial runs cover whole (task, solver) cells early;
+    ``projector`` lists which of without (False) / with (True) DiffStateGrad to run."""
     return [
         EvalItem(image, task, solver, dsg, float(scale), int(seed))
-        for task, solver, scale, seed, image, dsg in itertools.product(tasks, solvers, guidance_scales, seeds, images, (False, True))
+        for task, solver, scale, seed, image, dsg in itertools.product(tasks, solvers, guidance_scales, seeds, images, tuple(projector))
     ]
 
 

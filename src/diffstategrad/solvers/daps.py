@@ -52,11 +52,15 @@ def edm_sigmas(sigma_max: float, sigma_min: float, num: int, rho: float = 7.0) -
     return [(hi + i / num * (lo - hi)) ** rho for i in range(num + 1)]
 
 
-def _pf_ode(prior: DiffusionPrior, x: torch.Tensor, sigma: float, sigma_end: float, steps: int, rho: float) -> torch.Tensor:
-    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma."""
+def _pf_ode(prior: DiffusionPrior, x: torch.Tensor, sigma: float, sigma_end: float, steps: int, rho: float, clip: bool) -> torch.Tensor:
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma, with the
+    denoiser's output optionally clipped to the data range [-1, 1]."""
     sig = edm_sigmas(sigma, sigma_end, steps, rho)
     for s, s_next in zip(sig[:-1], sig[1:]):
-        x = x + (s_next - s) * (x - prior.denoise(x, s)) / s
+        d = prior.denoise(x, s)
+        if clip:
+            d = d.clamp(-1, 1)
+        x = x + (s_next - s) * (x - d) / s
     return x
 
 
@@ -85,6 +89,7 @@ def _daps(
     x_init,
     divergence_factor,
     latent,
+    clip_x0,
 ):
     if mcmc not in ("langevin", "hmc"):
         raise ValueError(f"mcmc must be 'langevin' or 'hmc', got {mcmc!r}")
@@ -111,7 +116,7 @@ def _daps(
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         # 1. x0_hat by the PF-ODE, no gradient through the network
         with torch.no_grad():
-            x0_hat = _pf_ode(prior, x, sigma, ode_sigma_min, ode_steps, rho)
+            x0_hat = _pf_ode(prior, x, sigma, ode_sigma_min, ode_steps, rho, clip_x0 and not latent)
         basis = projector.basis(x0_hat) if projector is not None and projector.period != 0 else None
 
         # 2. MCMC on x0 (annealed step size: lr * (1 + ratio * (lr_min_ratio - 1)), ratio = i / (N + 1))
@@ -172,15 +177,18 @@ def daps(
     momentum: float = 0.9,
     x_init: torch.Tensor | None = None,
     divergence_factor: float = 1e3,
+    clip_x0: bool = True,
 ) -> SolveResult:
     """Pixel-space DAPS (DAPS-1K defaults: 200 annealing steps x 5 ODE steps, 100 Langevin
     steps). ``guidance_scale`` is the MCMC step size lr (official pixel default 5e-5; the
-    task table gives per-task values). See the module docstring for every other argument."""
+    task table gives per-task values). ``clip_x0`` clips the denoiser's output to [-1, 1] inside
+    the ODE (guided-diffusion's clip_denoised; the official DAPS does not clip, which small
+    models do not tolerate at high noise). See the module docstring for every other argument."""
     return _daps(
         prior, operator, y, shape=shape, steps=steps, guidance_scale=guidance_scale, projector=projector, seeds=seeds,
         callback=callback, progress=progress, sigma_max=sigma_max, sigma_min=sigma_min, ode_steps=ode_steps,
         ode_sigma_min=ode_sigma_min, rho=rho, mcmc=mcmc, mcmc_steps=mcmc_steps, tau=tau, lr_min_ratio=lr_min_ratio,
-        momentum=momentum, x_init=x_init, divergence_factor=divergence_factor, latent=False,
+        momentum=momentum, x_init=x_init, divergence_factor=divergence_factor, latent=False, clip_x0=clip_x0,
     )
 
 
@@ -216,5 +224,5 @@ def latent_daps(
         prior, operator, y, shape=shape, steps=steps, guidance_scale=guidance_scale, projector=projector, seeds=seeds,
         callback=callback, progress=progress, sigma_max=sigma_max, sigma_min=sigma_min, ode_steps=ode_steps,
         ode_sigma_min=ode_sigma_min, rho=rho, mcmc=mcmc, mcmc_steps=mcmc_steps, tau=tau, lr_min_ratio=lr_min_ratio,
-        momentum=momentum, x_init=x_init, divergence_factor=divergence_factor, latent=True,
+        momentum=momentum, x_init=x_init, divergence_factor=divergence_factor, latent=True, clip_x0=False,
     )

@@ -25,7 +25,7 @@ def test_daps_on_gaussian_prior_matches_the_posterior():
     observed = A.sum(0) > 0
     n = 256
     # tau = sqrt(2) sigma makes DAPS's data term ||A x - y||^2 / tau^2 the exact likelihood
-    r = daps(prior, op, y.expand(n, -1), shape=(1, 4, 4), steps=50, mcmc_steps=50, guidance_scale=1.5e-3, lr_min_ratio=0.5, tau=2**0.5 * sigma, seeds=range(n))
+    r = daps(prior, op, y.expand(n, -1), shape=(1, 4, 4), steps=50, mcmc_steps=50, guidance_scale=1.5e-3, lr_min_ratio=0.5, tau=2**0.5 * sigma, seeds=range(n), clip_x0=False)
     xs = r.x.reshape(n, -1).double()
     err = xs.mean(0) - mean
     var_ratio = xs.var(0) / cov.diag()

@@ -140,3 +140,19 @@ def test_evaluate_on_a_local_ray_instance(tiny_model, tmp_path):
     r = _run(["evaluate", "--images", "examples", "--tasks", "hdr", "--solvers", "dps", "--seeds", "0", "--steps", "2", "--quiet", "--model", tiny_model, "--out", str(out), "--ray", "local"])
     assert r.exit_code == 0, r.output
     assert len((out / "records.jsonl").read_text().splitlines()) == 3 * 2
+
+
+def test_batched_evaluation_gives_the_same_records(tiny_model, tmp_path):
+    args = ["evaluate", "--tasks", "motion_deblur", "--solvers", "dps", "--seeds", "3", "--steps", "4", "--quiet", "--model", tiny_model]
+    assert _run([*args, "--batch", "1", "--out", str(tmp_path / "one")]).exit_code == 0
+    assert _run([*args, "--batch", "3", "--out", str(tmp_path / "three")]).exit_code == 0
+
+    def load(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "records.jsonl").read_text().splitlines()]
+        return {(r["image"], r["diffstategrad"]): r for r in rows}
+
+    one, three = load("one"), load("three")
+    assert one.keys() == three.keys() and len(one) == 6
+    assert {r["batch"] for r in three.values()} == {3}
+    for k in one:
+        assert abs(one[k]["psnr"] - three[k]["psnr"]) < 1e-3 and abs(one[k]["ssim"] - three[k]["ssim"]) < 1e-4

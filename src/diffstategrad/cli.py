@@ -333,13 +333,14 @@ def _image_set(images: str | None, size: int) -> dict[str, str]:
 @click.option("--period", type=click.IntRange(0), default=1, show_default=True)
 @click.option("--rank-rule", type=click.Choice(["reference", "per_channel"]), default="reference", show_default=True)
 @click.option("--diffstategrad", "dsg_mode", type=click.Choice(["both", "with", "without"]), default="both", show_default=True, help="Run each item with and/or without the projector.")
+@click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True, help="Images solved together in one solver call (results do not depend on it).")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Local worker processes.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Torch threads per worker.")
 @click.option("--ray", "ray_address", default=None, help="Send the items to a Ray cluster at this address ('local' starts one here).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, help="Output folder (re-running the same command resumes it).")
 @click.option("--quiet", is_flag=True)
-def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps, model, latent_model, var_cutoff, period, rank_rule, dsg_mode, workers, threads, ray_address, device, out, quiet):
+def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps, model, latent_model, var_cutoff, period, rank_rule, dsg_mode, batch, workers, threads, ray_address, device, out, quiet):
     """Run tasks x solvers x {without, with DiffStateGrad} x guidance scales x seeds over a set of
     images; write records.jsonl (one line per item, resumable), summary.csv, summary.md and the
     robustness figures."""
@@ -347,7 +348,7 @@ def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps
 
     from diffstategrad.evaluate import item_key, make_grid, robustness_figure, run_items, summarize, write_summary
     from diffstategrad.operators import list_tasks
-    from diffstategrad.pipeline import evaluate_item
+    from diffstategrad.pipeline import evaluate_items
     from diffstategrad.records import RecordStore, atomic_write_text
     from diffstategrad.solvers import SOLVERS
 
@@ -384,7 +385,7 @@ def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps
     if done_before:
         click.echo(f"resuming: {done_before} of {len(grid)} items already done", err=True)
     try:
-        run_items(grid, evaluate_item, context, store, workers=workers, ray_address=ray_address, progress=not quiet)
+        run_items(grid, evaluate_items, context, store, workers=workers, ray_address=ray_address, progress=not quiet, batch=batch)
     except KeyboardInterrupt:
         click.echo(f"interrupted: {len(store)} records kept in {out_dir / 'records.jsonl'}; re-run the command to resume", err=True)
         raise SystemExit(130) from None

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from diffstategrad.records import RecordStore, atomic_write_text
 
-__all__ = ["EvalItem", "make_grid", "item_key", "run_items", "summarize", "write_summary", "robustness_figure"]
+__all__ = ["EvalItem", "make_grid", "item_key", "batch_items", "run_items", "summarize", "write_summary", "robustness_figure"]
 
 METRICS = ("psnr", "ssim", "lpips")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
@@ -65,29 +65,42 @@ def make_grid(images: Sequence[str], tasks: Sequence[str], solvers: Sequence[str
 # ---------------------------------------------------------------------------------------------
 
 
+def batch_items(items: Sequence[dict], batch: int) -> list[list[dict]]:
+    """Group items that differ only by image into batches of at most ``batch``: one solver call
+    runs them together (per-sample results do not depend on the batch)."""
+    groups: dict[tuple, list[dict]] = {}
+    for it in items:
+        groups.setdefault((it["task"], it["solver"], it["diffstategrad"], it["guidance_scale"], it["seed"]), []).append(it)
+    return [g[i : i + batch] for g in groups.values() for i in range(0, len(g), max(1, batch))]
+
+
 def run_items(
     items: Sequence[EvalItem],
-    runner: Callable[[dict, dict], dict],
+    runner: Callable[[list, dict], list],
     context: dict,
     store: RecordStore,
     workers: int = 1,
     ray_address: str | None = None,
     progress: bool = True,
+    batch: int = 1,
 ) -> int:
     """Run the items not yet in ``store`` and append their records as they finish.
 
-    ``runner(item_dict, context) -> record`` must be a module-level function (it is pickled for
-    worker processes and Ray). Returns the number of new records.
+    ``runner(items, context) -> records`` takes a batch of item dicts that differ only by image
+    and must be a module-level function (it is pickled for worker processes and Ray). Returns
+    the number of new records.
     """
-    todo = [asdict(it) for it in items if it.key not in store]
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc="evaluate", disable=not progress, unit="item")
+    todo = batch_items([asdict(it) for it in items if it.key not in store], batch)
+    bar = tqdm(total=len(items), initial=len(items) - sum(map(len, todo)), desc="evaluate", disable=not progress, unit="item")
     written = 0
 
-    def accept(record: dict) -> None:
+    def accept(records: list) -> None:
         nonlocal written
-        written += store.append(record)
-        bar.set_postfix(last=f"{record['task']}/{record['solver']} psnr {record.get('psnr', float('nan')):.2f}")
-        bar.update()
+        for record in records:
+            written += store.append(record)
+        last = records[-1]
+        bar.set_postfix(last=f"{last['task']}/{last['solver']} psnr {last.get('psnr') or float('nan'):.2f}")
+        bar.update(len(records))
 
     try:
         if ray_address:
@@ -95,8 +108,8 @@ def run_items(
         elif workers > 1:
             _run_processes(todo, runner, context, workers, accept)
         else:
-            for item in todo:
-                accept(runner(item, context))
+            for group in todo:
+                accept(runner(group, context))
     finally:
         bar.close()
     return written

@@ -24,7 +24,7 @@ from diffstategrad.priors import DiffusionPrior, load_prior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.solvers import SOLVERS, SolveResult, solve
 
-__all__ = ["LATENT_SOLVERS", "resolve_model", "resolve_device", "defaults_profile", "CaseResult", "run_case", "measurement_image", "evaluate_item", "solver_kwargs"]
+__all__ = ["LATENT_SOLVERS", "resolve_model", "resolve_device", "defaults_profile", "CaseResult", "run_case", "measurement_image", "evaluate_items", "solver_kwargs"]
 
 LATENT_SOLVERS = ("psld", "resample", "latent-daps")
 
@@ -158,24 +158,38 @@ def safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
-def evaluate_item(item: dict, context: dict) -> dict:
-    """Run one (image, task, solver, projector, scale, seed) item and return its record."""
+def evaluate_items(items: list[dict], context: dict) -> list[dict]:
+    """Run a batch of items that differ only by image (one solver call) and return their
+    records. Each sample uses the item's seed for its mask/kernel, noise and solver draws, so
+    the records are those the items would give one by one."""
     from diffstategrad.images import save_image
 
+    first = items[0]
+    if any((it["task"], it["solver"], it["diffstategrad"], it["guidance_scale"], it["seed"]) != (first["task"], first["solver"], first["diffstategrad"], first["guidance_scale"], first["seed"]) for it in items):
+        raise ValueError("evaluate_items takes items that differ only by image")
     state = _worker_state(context)
-    kind = "latent" if item["solver"] in LATENT_SOLVERS else "pixel"
+    kind = "latent" if first["solver"] in LATENT_SOLVERS else "pixel"
     prior = state["priors"][kind]
-    x = state["images"][item["image"]]
-    task = load_task(item["task"], context.get("task_overrides"))
-    problem = task.build(tuple(x.shape[1:]), seeds=[item["seed"]], device=x.device)
-    y = problem.measure(x, seeds=[item["seed"]])
-    kwargs = solver_kwargs(item["solver"], item["task"], steps=context.get("steps"), guidance_multiplier=item["guidance_scale"], profile=state["profiles"][kind])
-    projector = DiffStateGrad(**context.get("projector", {})) if item["diffstategrad"] else None
-    case = run_case(prior, problem, x, y, item["solver"], kwargs, projector, item["seed"], lpips=state["lpips"])
+    x = torch.cat([state["images"][it["image"]] for it in items])
+    seeds = [first["seed"]] * len(items)
+    task = load_task(first["task"], context.get("task_overrides"))
+    problem = task.build(tuple(x.shape[1:]), seeds=seeds, device=x.device)
+    y = problem.measure(x, seeds=seeds)
+    kwargs = solver_kwargs(first["solver"], first["task"], steps=context.get("steps"), guidance_multiplier=first["guidance_scale"], profile=state["profiles"][kind])
+    projector = DiffStateGrad(**context.get("projector", {})) if first["diffstategrad"] else None
+    result = solve(first["solver"], prior, problem.operator, y, shape=tuple(x.shape[1:]), seeds=seeds, projector=projector, **kwargs)
+    from diffstategrad.metrics import metrics_for
+
+    scores = metrics_for(result.x.detach().float(), x.float(), lpips=state["lpips"])
     out = Path(context["out"]) / "images"
-    key = "|".join(str(item[k]) for k in ("image", "task", "solver", "diffstategrad", "guidance_scale", "seed"))
-    save_image(case.result.x.cpu(), out / f"{safe_name(key)}.png")
-    record = dict(item)
-    record.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in case.metrics.items()})
-    record.update(guidance_value=kwargs["guidance_scale"], steps=kwargs.get("steps"), size=int(x.shape[-1]))
-    return record
+    records = []
+    for b, it in enumerate(items):
+        key = "|".join(str(it[k]) for k in ("image", "task", "solver", "diffstategrad", "guidance_scale", "seed"))
+        save_image(result.x[b : b + 1].detach().cpu(), out / f"{safe_name(key)}.png")
+        record = dict(it)
+        values = {k: float(v[b]) for k, v in scores.items()}
+        values.update(seconds=float(result.seconds) / len(items), failed=bool(result.failed[b]), failed_step=int(result.failed_step[b]), residual=float(result.residual[b]))
+        record.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()})
+        record.update(guidance_value=kwargs["guidance_scale"], steps=kwargs.get("steps"), size=int(x.shape[-1]), batch=len(items))
+        records.append(record)
+    return records

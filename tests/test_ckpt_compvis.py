@@ -302,3 +302,26 @@ def test_ldm_prior_runs_dps(tiny_ldm, weights):
     result = dps(prior, op, y, shape=shape, steps=3, guidance_scale=0.5, seeds=[0, 1])
     assert result.x.shape == (2, *shape) and result.state.shape == (2, 3, 8, 8)
     assert torch.isfinite(result.x).all()
+
+
+def test_convert_command_and_solve_with_the_folder(tmp_path, tiny_ldm):
+    """A user's LDM checkpoint through the command line: convert, then solve with --model."""
+    from click.testing import CliRunner
+
+    from diffstategrad.cli import main
+
+    ckpt, yaml_path, _, _ = tiny_ldm
+    folder = tmp_path / "ldm"
+    r = CliRunner().invoke(main, ["convert", "compvis-ldm", str(ckpt), str(folder), "--config", str(yaml_path)])
+    assert r.exit_code == 0, r.output
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    again = CliRunner().invoke(main, ["convert", "compvis-ldm", str(ckpt), str(folder), "--config", str(yaml_path)])
+    assert again.exit_code != 0 and "error:" in again.output  # no silent overwrite
+    assert load_prior("converted", folder).kind == "latent"
+    out = tmp_path / "solve"
+    r = CliRunner().invoke(main, ["solve", "--task", "box_inpainting", "--solver", "psld", "--model", str(folder), "--steps", "3",
+                                  "--size", "32", "--out", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert (out / "reconstruction.png").is_file()
+    bad = CliRunner().invoke(main, ["convert", "compvis-ldm", str(tmp_path / "missing.ckpt"), str(tmp_path / "x"), "--config", str(yaml_path)])
+    assert bad.exit_code != 0 and "missing.ckpt" in bad.output and "Traceback" not in bad.output

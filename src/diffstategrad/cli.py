@@ -334,13 +334,14 @@ def _image_set(images: str | None, size: int) -> dict[str, str]:
 @click.option("--rank-rule", type=click.Choice(["reference", "per_channel"]), default="reference", show_default=True)
 @click.option("--diffstategrad", "dsg_mode", type=click.Choice(["both", "with", "without"]), default="both", show_default=True, help="Run each item with and/or without the projector.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True, help="Images solved together in one solver call (results do not depend on it).")
+@click.option("--lpips", "lpips_net", type=click.Choice(["vgg", "alex", "none"]), default="vgg", show_default=True, help="LPIPS backbone (none: PSNR and SSIM only).")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Local worker processes.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Torch threads per worker.")
 @click.option("--ray", "ray_address", default=None, help="Send the items to a Ray cluster at this address ('local' starts one here).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, help="Output folder (re-running the same command resumes it).")
 @click.option("--quiet", is_flag=True)
-def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps, model, latent_model, var_cutoff, period, rank_rule, dsg_mode, batch, workers, threads, ray_address, device, out, quiet):
+def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps, model, latent_model, var_cutoff, period, rank_rule, dsg_mode, batch, lpips_net, workers, threads, ray_address, device, out, quiet):
     """Run tasks x solvers x {without, with DiffStateGrad} x guidance scales x seeds over a set of
     images; write records.jsonl (one line per item, resumable), summary.csv, summary.md and the
     robustness figures."""
@@ -367,7 +368,7 @@ def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps
     context = {
         "images": image_files, "solvers": solver_list, "size": size, "steps": steps, "device": device, "threads": threads,
         "models": {"pixel": model, "latent": latent_model}, "out": str(out_dir),
-        "projector": {"var_cutoff": var_cutoff, "period": period, "rank_rule": rank_rule},
+        "projector": {"var_cutoff": var_cutoff, "period": period, "rank_rule": rank_rule}, "lpips": lpips_net,
     }
     # a resumed run must be the same experiment: refuse silently mixing settings
     settings_path = out_dir / "evaluate.json"

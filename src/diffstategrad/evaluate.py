@@ -172,7 +172,7 @@ def summarize(records) -> list[dict]:
         row = dict(zip(CELL, cell))
         row["n"] = len(rs)
         for m in METRICS:
-            values = [float(r[m]) for r in rs if r.get(m) is not None and math.isfinite(float(r[m]))]
+            values = [float(r[m]) for r in rs if r.get(m) is not None and math.isfinite(float(r[m]))]  # LPIPS may be absent
             row[f"{m}_mean"] = statistics.fmean(values) if values else float("nan")
             row[f"{m}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
             row[f"{m}_worst"] = (min(values) if HIGHER_IS_BETTER[m] else max(values)) if values else float("nan")
@@ -180,6 +180,10 @@ def summarize(records) -> list[dict]:
         row["seconds_mean"] = statistics.fmean(float(r.get("seconds", 0.0)) for r in rs)
         rows.append(row)
     return rows
+
+
+def _fmt(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.3f} +- {std:.3f}"
 
 
 def write_summary(rows: list[dict], out_dir: Path) -> None:
@@ -203,7 +207,7 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
         lines.append(
             f"| {r['task']} | {r['solver']} | {'yes' if r['diffstategrad'] else 'no'} | {r['guidance_scale']:g} | {r['n']} "
             f"| {r['psnr_mean']:.2f} +- {r['psnr_std']:.2f} | {r['ssim_mean']:.3f} +- {r['ssim_std']:.3f} "
-            f"| {r['lpips_mean']:.3f} +- {r['lpips_std']:.3f} | {r['psnr_worst']:.2f} | {r['failure_rate']:.0%} | {r['seconds_mean']:.1f} |"
+            f"| {_fmt(r['lpips_mean'], r['lpips_std'])} | {r['psnr_worst']:.2f} | {r['failure_rate']:.0%} | {r['seconds_mean']:.1f} |"
         )
     atomic_write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
 

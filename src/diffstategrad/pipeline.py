@@ -150,7 +150,8 @@ def _worker_state(context: dict) -> dict:
         size = context["size"]
         images = {name: load_image(path, size).image.to(device) for name, path in context["images"].items()}
         _STATE.clear()
-        _STATE.update(key=key, device=device, priors=priors, profiles=profiles, images=images, lpips=get_lpips("vgg", device=device))
+        net = context.get("lpips", "vgg")
+        _STATE.update(key=key, device=device, priors=priors, profiles=profiles, images=images, lpips=None if net == "none" else get_lpips(net, device=device))
     return _STATE
 
 

@@ -18,7 +18,7 @@ import torch
 
 from diffstategrad.rng import SampleGenerators, derive_seed
 
-__all__ = ["SolveResult", "FailureTracker", "per_sample_residual", "solver_generators", "Stopwatch", "initial_state", "finish"]
+__all__ = ["SolveResult", "SolveRun", "FailureTracker", "per_sample_residual", "solver_generators", "Stopwatch", "initial_state", "step_pairs"]
 
 
 @dataclass
@@ -135,18 +135,58 @@ def initial_state(prior, y: torch.Tensor, shape, x_init, gens: SampleGenerators,
     return gens.randn(state_shape, device=y.device, dtype=y.dtype) * scale
 
 
-def finish(prior, operator, y: torch.Tensor, state: torch.Tensor, tracker: FailureTracker, clock: Stopwatch, history: dict) -> SolveResult:
-    """Decode the final state (latent priors), measure its residual and pack the result."""
-    state = tracker.finalize(state)
-    with torch.no_grad():
-        image = prior.to_image(state)
-        final_residual = per_sample_residual(y, operator(image))
-    return SolveResult(
-        x=image,
-        failed=tracker.failed.cpu(),
-        failed_step=tracker.failed_step.cpu(),
-        residual=final_residual.cpu(),
-        seconds=clock.seconds,
-        history=history,
-        state=state,
-    )
+class SolveRun:
+    """Per-solve bookkeeping shared by every solver: failure tracking, per-step history
+    (residual, rank, and the step-info keys named in ``logged``), the callback, the progress
+    bar and the timer."""
+
+    def __init__(self, name: str, y: torch.Tensor, total: int, projector=None, progress: bool = False,
+                 divergence_factor: float = 1e3, callback=None, logged: tuple[str, ...] = ()):
+        from tqdm.auto import tqdm
+
+        self.tracker = FailureTracker(y, divergence_factor)
+        self.history: dict = {"residual": [], "rank": [], **{key: [] for key in logged}}
+        self.callback = callback
+        self.clock = Stopwatch()
+        self.bar = tqdm(total=total, desc=name + (" + DiffStateGrad" if projector is not None else ""), disable=not progress, leave=False)
+
+    @property
+    def failed(self) -> torch.Tensor:
+        return self.tracker.failed
+
+    def step(self, i: int, state: torch.Tensor, residual: torch.Tensor, rank=None, **info) -> torch.Tensor:
+        """Record step ``i`` (after its update): check for failures, log, call back, advance the
+        bar. Returns the state with failed samples' slots zeroed."""
+        state = self.tracker.update(i, state, residual)
+        self.history["residual"].append(residual.detach().cpu())
+        self.history["rank"].append(rank)
+        for key in self.history.keys() - {"residual", "rank"}:
+            self.history[key].append(info.get(key))
+        if self.callback is not None:
+            self.callback({"step": i, "x": state, "residual": residual, "rank": rank, **info})
+        self.bar.set_postfix(residual=f"{float(residual.mean()):.4g}", failed=int(self.tracker.failed.sum()))
+        self.bar.update()
+        return state
+
+    def finish(self, prior, operator, y: torch.Tensor, state: torch.Tensor) -> SolveResult:
+        """Decode the final state (latent priors), measure its residual and pack the result."""
+        self.bar.close()
+        state = self.tracker.finalize(state)
+        with torch.no_grad():
+            image = prior.to_image(state)
+            final_residual = per_sample_residual(y, operator(image))
+        return SolveResult(
+            x=image,
+            failed=self.tracker.failed.cpu(),
+            failed_step=self.tracker.failed_step.cpu(),
+            residual=final_residual.cpu(),
+            seconds=self.clock.seconds,
+            history=self.history,
+            state=state,
+        )
+
+
+def step_pairs(timesteps: list[int]):
+    """(i, t, t_prev) over a decreasing timestep list; t_prev = -1 (clean) after the last."""
+    for i, t in enumerate(timesteps):
+        yield i, t, (timesteps[i + 1] if i + 1 < len(timesteps) else -1)

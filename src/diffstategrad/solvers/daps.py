@@ -33,12 +33,11 @@ Defaults of ``daps`` follow the official pixel configs (configs/sampler/edm_daps
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from diffstategrad.operators.base import Operator
 from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad
-from diffstategrad.solvers.base import FailureTracker, SolveResult, Stopwatch, finish, initial_state, solver_generators
+from diffstategrad.solvers.base import SolveResult, SolveRun, initial_state, solver_generators
 
 __all__ = ["daps", "latent_daps", "edm_sigmas"]
 
@@ -103,11 +102,7 @@ def _daps(
 
     sigmas = edm_sigmas(sigma_max, sigma_min, steps, rho)
     sigmas = sigmas[:-1] + [0.0]  # as the official scheduler: the last forward step adds no noise
-    tracker = FailureTracker(y, divergence_factor)
-    history = {"residual": [], "rank": []}
-    clock = Stopwatch()
-    name = ("Latent DAPS" if latent else "DAPS") + (" + DiffStateGrad" if projector else "")
-    bar = tqdm(total=steps, desc=name, disable=not progress, leave=False)
+    run = SolveRun("Latent DAPS" if latent else "DAPS", y, steps, projector, progress, divergence_factor, callback)
 
     def data_loss(x0):
         return ((operator(prior.to_image(x0)) - y) ** 2).reshape(B, -1).sum(1)
@@ -141,16 +136,9 @@ def _daps(
         x = x0 + sigma_next * gens.randn_like(x0) if sigma_next > 0 else x0
         with torch.no_grad():
             residual = data_loss(x0).sqrt()
-        x = tracker.update(i, x, residual)
-        history["residual"].append(residual.cpu())
-        history["rank"].append(None if basis is None else basis.ranks)
-        if callback is not None:
-            callback({"step": i, "sigma": sigma, "x": x, "x0": x0_hat, "x0_y": x0, "residual": residual, "rank": None if basis is None else basis.ranks})
-        bar.set_postfix(residual=f"{float(residual.mean()):.4g}", failed=int(tracker.failed.sum()))
-        bar.update()
-    bar.close()
+        x = run.step(i, x, residual, None if basis is None else basis.ranks, sigma=sigma, x0=x0_hat, x0_y=x0)
 
-    return finish(prior, operator, y, x, tracker, clock, history)
+    return run.finish(prior, operator, y, x)
 
 
 def daps(

@@ -19,13 +19,12 @@ result is decoded.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from diffstategrad.operators.base import Operator
 from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.schedules import ddim_step, ddpm_posterior, eps_to_x0, timestep_spacing, x0_to_eps
-from diffstategrad.solvers.base import FailureTracker, SolveResult, Stopwatch, finish, initial_state, per_sample_residual, solver_generators
+from diffstategrad.solvers.base import SolveResult, SolveRun, initial_state, per_sample_residual, solver_generators, step_pairs
 
 __all__ = ["dps"]
 
@@ -96,13 +95,9 @@ def dps(
     x = initial_state(prior, y, shape, x_init, gens, "DPS")
 
     timesteps = timestep_spacing(prior.num_timesteps, steps, spacing)
-    tracker = FailureTracker(y, divergence_factor)
-    history = {"residual": [], "rank": []}
-    clock = Stopwatch()
-    bar = tqdm(total=len(timesteps), desc="DPS" + (" + DiffStateGrad" if projector else ""), disable=not progress, leave=False)
+    run = SolveRun("DPS", y, len(timesteps), projector, progress, divergence_factor, callback)
 
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for i, t, t_prev in step_pairs(timesteps):
         a_t = prior.schedule.alpha_bar(t, like=x)
         a_prev = prior.schedule.alpha_bar(t_prev, like=x)
 
@@ -134,16 +129,9 @@ def dps(
             rank = basis.ranks
         x = x_prev - guidance_scale * grad  # Alg. 1 l. 7
 
-        x = tracker.update(i, x, residual)
-        history["residual"].append(residual.cpu())
-        history["rank"].append(rank)
-        if callback is not None:
-            callback({"step": i, "t": t, "x": x, "x0": x0, "residual": residual, "rank": rank, "grad_norm": grad.reshape(B, -1).norm(dim=1)})
-        bar.set_postfix(residual=f"{float(residual.mean()):.4g}", failed=int(tracker.failed.sum()))
-        bar.update()
-    bar.close()
+        x = run.step(i, x, residual, rank, t=t, x0=x0, grad_norm=grad.reshape(B, -1).norm(dim=1))
 
-    return finish(prior, operator, y, x, tracker, clock, history)
+    return run.finish(prior, operator, y, x)
 
 
 def _ddpm_variance(kind: str, var_small: torch.Tensor, var_large: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:

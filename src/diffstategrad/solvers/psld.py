@@ -29,13 +29,12 @@ from __future__ import annotations
 import warnings
 
 import torch
-from tqdm.auto import tqdm
 
 from diffstategrad.operators.base import Operator
 from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.schedules import ddim_step, eps_to_x0, timestep_spacing
-from diffstategrad.solvers.base import FailureTracker, SolveResult, Stopwatch, finish, initial_state, per_sample_residual, solver_generators
+from diffstategrad.solvers.base import SolveResult, SolveRun, initial_state, per_sample_residual, solver_generators, step_pairs
 
 __all__ = ["psld"]
 
@@ -71,13 +70,9 @@ def psld(
     back_projected = operator.adjoint(y) if gluing_scale else None  # A^T y, fixed
 
     timesteps = timestep_spacing(prior.num_timesteps, steps, spacing)
-    tracker = FailureTracker(y, divergence_factor)
-    history = {"residual": [], "rank": []}
-    clock = Stopwatch()
-    bar = tqdm(total=len(timesteps), desc="PSLD" + (" + DiffStateGrad" if projector else ""), disable=not progress, leave=False)
+    run = SolveRun("PSLD", y, len(timesteps), projector, progress, divergence_factor, callback)
 
-    for i, t in enumerate(timesteps):
-        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+    for i, t, t_prev in step_pairs(timesteps):
         a_t = prior.schedule.alpha_bar(t, like=z)
         a_prev = prior.schedule.alpha_bar(t_prev, like=z)
         z = z.detach().requires_grad_(True)
@@ -101,13 +96,6 @@ def psld(
             rank = basis.ranks
         z = z_prev - grad
 
-        z = tracker.update(i, z, residual)
-        history["residual"].append(residual.cpu())
-        history["rank"].append(rank)
-        if callback is not None:
-            callback({"step": i, "t": t, "x": z, "x0": z0, "residual": residual, "rank": rank})
-        bar.set_postfix(residual=f"{float(residual.mean()):.4g}", failed=int(tracker.failed.sum()))
-        bar.update()
-    bar.close()
+        z = run.step(i, z, residual, rank, t=t, x0=z0)
 
-    return finish(prior, operator, y, z, tracker, clock, history)
+    return run.finish(prior, operator, y, z)

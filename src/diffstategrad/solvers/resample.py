@@ -41,13 +41,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
-from tqdm.auto import tqdm
 
 from diffstategrad.operators.base import Operator
 from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad, StateBasis
 from diffstategrad.schedules import eps_to_x0, timestep_spacing
-from diffstategrad.solvers.base import FailureTracker, SolveResult, Stopwatch, finish, initial_state, per_sample_residual, solver_generators
+from diffstategrad.solvers.base import SolveResult, SolveRun, initial_state, per_sample_residual, solver_generators
 
 __all__ = ["ReSampleConfig", "REFERENCE", "DEFAULT", "resample", "hdc_stage", "resample_gamma", "stochastic_resample"]
 
@@ -200,10 +199,7 @@ def resample(
     def basis_of(state):
         return projector.basis(state) if projector is not None and projector.period != 0 else None
 
-    tracker = FailureTracker(y, divergence_factor)
-    history = {"residual": [], "rank": [], "hdc": []}
-    clock = Stopwatch()
-    bar = tqdm(total=N, desc="ReSample" + (" + DiffStateGrad" if projector else ""), disable=not progress, leave=False)
+    run = SolveRun("ReSample", y, N, projector, progress, divergence_factor, callback, logged=("hdc",))
 
     for i in range(N):
         index = N - 1 - i
@@ -219,7 +215,7 @@ def resample(
         # 3-8. hard data consistency
         stage = hdc_stage(index, N, cfg.hdc_every, cfg.splits)
         rank = None
-        if stage is not None and not tracker.failed.all():
+        if stage is not None and not run.failed.all():
             x_t = z.clone()
             z_tt, z0_hat = z, None
             with torch.no_grad():
@@ -243,17 +239,9 @@ def resample(
             z = stochastic_resample(z0_star, x_t, a_p, gamma, gens.randn_like(z))
             rank = None if basis is None else basis.ranks
 
-        z = tracker.update(i, z, residual)
-        history["residual"].append(residual.cpu())
-        history["rank"].append(rank)
-        history["hdc"].append(stage)
-        if callback is not None:
-            callback({"step": i, "t": t, "x": z, "x0": z0.detach(), "residual": residual, "rank": rank, "hdc": stage})
-        bar.set_postfix(residual=f"{float(residual.mean()):.4g}", failed=int(tracker.failed.sum()))
-        bar.update()
-    bar.close()
+        z = run.step(i, z, residual, rank, t=t, x0=z0.detach(), hdc=stage)
 
     if cfg.final_optimization:
         z = _optimize(z, latent_loss, cfg.latent_lr * guidance_scale, cfg.latent_iters, cfg, projector, basis_of(z), early_stop=True)
-        z = tracker.update(N, z, per_sample_residual(y, operator(prior.decode(z))).detach())
-    return finish(prior, operator, y, z, tracker, clock, history)
+        z = run.tracker.update(N, z, per_sample_residual(y, operator(prior.decode(z))).detach())
+    return run.finish(prior, operator, y, z)

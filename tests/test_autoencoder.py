@@ -13,28 +13,19 @@ from diffstategrad.priors.small_autoencoder import (
     kl_divergence,
 )
 from diffstategrad.priors.unet import LATENT_UNET_CONFIG, UNet, count_parameters
-
-
-def _randomise_zero_inits(model):
-    """Each block's second conv starts at zero; perturb them so that every path is exercised."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    return model
+from net_helpers import randomise_zero_inits
 
 
 @pytest.fixture(scope="module")
 def shipped():
     torch.manual_seed(0)
-    return _randomise_zero_inits(SmallAutoencoder(AUTOENCODER_CONFIG)).eval()
+    return randomise_zero_inits(SmallAutoencoder(AUTOENCODER_CONFIG)).eval()
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return _randomise_zero_inits(SmallAutoencoder(TINY_AUTOENCODER_CONFIG)).eval()
+    return randomise_zero_inits(SmallAutoencoder(TINY_AUTOENCODER_CONFIG)).eval()
 
 
 def test_geometry_and_parameter_budget(shipped):

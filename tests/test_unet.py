@@ -6,22 +6,13 @@ import pytest
 import torch
 
 from diffstategrad.priors.unet import PIXEL_UNET_CONFIG, TINY_UNET_CONFIG, UNet, count_parameters, timestep_embedding
+from net_helpers import randomise_zero_inits
 
 
 @pytest.fixture(scope="module")
 def shipped():
     torch.manual_seed(0)
     return UNet(PIXEL_UNET_CONFIG).eval()
-
-
-def _randomise_zero_inits(model):
-    """The output conv and each block's second conv start at zero; perturb them so outputs depend on the input."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def test_shipped_config_is_under_the_parameter_budget(shipped):
@@ -57,7 +48,7 @@ def test_bad_timestep_shape_is_rejected(shipped):
 
 def test_sample_alone_equals_sample_in_batch():
     torch.manual_seed(0)
-    model = _randomise_zero_inits(UNet(TINY_UNET_CONFIG | {"channels": [16, 32, 32, 32], "max_groups": 8})).eval()
+    model = randomise_zero_inits(UNet(TINY_UNET_CONFIG | {"channels": [16, 32, 32, 32], "max_groups": 8})).eval()
     x = torch.randn(4, 3, 32, 48)
     t = torch.tensor([3, 250, 600, 999])
     with torch.no_grad():

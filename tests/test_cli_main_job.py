@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +133,55 @@ def test_evaluate_survives_being_killed(tiny_model, tmp_path):
     lines = records.read_text().splitlines()
     keys = [(d["image"], d["task"], d["solver"], d["diffstategrad"], d["guidance_scale"], d["seed"]) for d in map(json.loads, lines)]
     assert len(keys) == 48 and len(set(keys)) == 48
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def _alive(pids) -> set[int]:
+    alive = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            alive.add(p)
+    return alive
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopping_evaluate_stops_its_workers(tiny_model, tmp_path, how):
+    """SIGTERM ends the run like Ctrl-C (exit 130, workers stopped at once); after a SIGKILL of
+    the parent the orphaned workers exit by themselves instead of computing on."""
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "diffstategrad.cli", *EVAL, "--model", tiny_model, "--out", str(out), "--workers", "2"]
+    cmd[cmd.index("3")] = "400"  # items far longer than the test
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, workers = time.time() + 120, set()
+    while time.time() < deadline and len(workers) < 2:  # two pool workers (plus the resource tracker)
+        time.sleep(0.5)
+        workers = {p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")}
+    assert len(workers) == 2
+    time.sleep(3)  # let them start on their items
+    proc.send_signal(getattr(signal, how))
+    code = proc.wait(timeout=60)
+    if how == "SIGTERM":
+        assert code == 130 and "interrupted" in proc.stderr.read()
+    deadline = time.time() + 30
+    while time.time() < deadline and _alive(workers):
+        time.sleep(0.2)
+    assert not _alive(workers)
 
 
 def test_evaluate_on_a_local_ray_instance(tiny_model, tmp_path):

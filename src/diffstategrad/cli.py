@@ -7,6 +7,8 @@ Errors a user can cause end in one line on stderr and a non-zero exit, never a t
 from __future__ import annotations
 
 import json
+import signal
+import threading
 
 import click
 
@@ -319,6 +321,11 @@ def _image_set(images: str | None, size: int) -> dict[str, str]:
     return {p.stem: str(p) for p in files}
 
 
+def _terminate_as_interrupt(signum, frame):
+    """SIGTERM (kill, a batch scheduler's time limit) stops an evaluation like Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 @main.command("evaluate")
 @click.option("--images", default="examples", show_default=True, help="A folder of images, one image, 'examples' or 'heldout'.")
 @click.option("--tasks", required=True, help="Comma-separated task presets.")
@@ -385,11 +392,15 @@ def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps
     done_before = sum(it.key in store for it in grid)
     if done_before:
         click.echo(f"resuming: {done_before} of {len(grid)} items already done", err=True)
+    previous_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         run_items(grid, evaluate_items, context, store, workers=workers, ray_address=ray_address, progress=not quiet, batch=batch)
     except KeyboardInterrupt:
         click.echo(f"interrupted: {len(store)} records kept in {out_dir / 'records.jsonl'}; re-run the command to resume", err=True)
         raise SystemExit(130) from None
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     records = [r for r in store.values() if item_key(r) in {it.key for it in grid}]
     rows = summarize(records)
     write_summary(rows, out_dir)

@@ -13,7 +13,9 @@ import csv
 import io
 import itertools
 import math
+import os
 import statistics
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -120,15 +122,37 @@ def _run_processes(todo, runner, context, workers, accept):
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(runner, item, context) for item in todo]
-        try:
-            for fut in concurrent.futures.as_completed(futures):
-                accept(fut.result())
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),))
+    futures = [pool.submit(runner, item, context) for item in todo]
+    try:
+        for fut in concurrent.futures.as_completed(futures):
+            accept(fut.result())
+    except BaseException:
+        # interrupted (Ctrl-C, SIGTERM, a failing item): stop the workers now instead of waiting
+        # for their current batches; finished records are already on disk
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in processes:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in processes:
+            proc.join(timeout=10)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a worker whose parent process died (e.g. SIGKILL) exits within a
+    second instead of computing results nobody will record."""
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _run_ray(todo, runner, context, address, accept):

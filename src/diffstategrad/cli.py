@@ -415,7 +415,7 @@ def _image_grid(records, out_dir) -> None:
     """A grid figure: for the first image and seed, each (task, solver) at guidance scale 1,
     without and with DiffStateGrad."""
     from diffstategrad.images import comparison_figure, load_image
-    from diffstategrad.pipeline import safe_name
+    from diffstategrad.pipeline import reconstruction_path
 
     if not records:
         return
@@ -425,8 +425,7 @@ def _image_grid(records, out_dir) -> None:
     for r in sorted(records, key=lambda r: (r["task"], r["solver"], r["diffstategrad"])):
         if r["image"] != first["image"] or r["seed"] != first["seed"] or r["guidance_scale"] != scale:
             continue
-        key = "|".join(str(r[k]) for k in ("image", "task", "solver", "diffstategrad", "guidance_scale", "seed"))
-        path = out_dir / "images" / f"{safe_name(key)}.png"
+        path = reconstruction_path(out_dir, r)
         if path.exists():
             title = f"{r['task']} / {r['solver']} {'+ DSG' if r['diffstategrad'] else ''}  PSNR {r['psnr']:.2f}"
             panels.append((title, load_image(path).image))

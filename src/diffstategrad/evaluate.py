@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import statistics
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from diffstategrad.records import RecordStore, atomic_write_text
 
-__all__ = ["EvalItem", "make_grid", "item_key", "batch_items", "run_items", "summarize", "write_summary", "robustness_figure"]
+__all__ = ["EvalItem", "make_grid", "item_key", "batch_key", "batch_items", "run_items", "summarize", "write_summary", "robustness_figure"]
 
 METRICS = ("psnr", "ssim", "lpips")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
@@ -67,12 +68,17 @@ def make_grid(images: Sequence[str], tasks: Sequence[str], solvers: Sequence[str
 # ---------------------------------------------------------------------------------------------
 
 
+def batch_key(item: dict) -> tuple:
+    """What items solved together in one solver call share: everything but the image."""
+    return (item["task"], item["solver"], bool(item["diffstategrad"]), float(item["guidance_scale"]), int(item["seed"]))
+
+
 def batch_items(items: Sequence[dict], batch: int) -> list[list[dict]]:
     """Group items that differ only by image into batches of at most ``batch``: one solver call
     runs them together (per-sample results do not depend on the batch)."""
     groups: dict[tuple, list[dict]] = {}
     for it in items:
-        groups.setdefault((it["task"], it["solver"], it["diffstategrad"], it["guidance_scale"], it["seed"]), []).append(it)
+        groups.setdefault(batch_key(it), []).append(it)
     return [g[i : i + batch] for g in groups.values() for i in range(0, len(g), max(1, batch))]
 
 
@@ -144,8 +150,6 @@ def _run_processes(todo, runner, context, workers, accept):
 def _exit_with_parent(parent_pid: int) -> None:
     """Worker initializer: a worker whose parent process died (e.g. SIGKILL) exits within a
     second instead of computing results nobody will record."""
-    import threading
-
     def watch():
         while True:
             time.sleep(1.0)

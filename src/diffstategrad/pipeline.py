@@ -24,7 +24,7 @@ from diffstategrad.priors import DiffusionPrior, load_prior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.solvers import SOLVERS, SolveResult, solve
 
-__all__ = ["LATENT_SOLVERS", "resolve_model", "resolve_device", "defaults_profile", "CaseResult", "run_case", "measurement_image", "evaluate_items", "solver_kwargs"]
+__all__ = ["LATENT_SOLVERS", "resolve_model", "resolve_device", "defaults_profile", "CaseResult", "run_case", "measurement_image", "evaluate_items", "reconstruction_path", "solver_kwargs"]
 
 LATENT_SOLVERS = ("psld", "resample", "latent-daps")
 
@@ -159,14 +159,23 @@ def safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
+def reconstruction_path(out_dir, record: dict) -> Path:
+    """Where an evaluation saves (and its image grid finds) one item's reconstruction."""
+    from diffstategrad.evaluate import item_key
+
+    return Path(out_dir) / "images" / f"{safe_name(item_key(record))}.png"
+
+
 def evaluate_items(items: list[dict], context: dict) -> list[dict]:
     """Run a batch of items that differ only by image (one solver call) and return their
     records. Each sample uses the item's seed for its mask/kernel, noise and solver draws, so
     the records are those the items would give one by one."""
+    from diffstategrad.evaluate import batch_key
     from diffstategrad.images import save_image
+    from diffstategrad.metrics import metrics_for
 
     first = items[0]
-    if any((it["task"], it["solver"], it["diffstategrad"], it["guidance_scale"], it["seed"]) != (first["task"], first["solver"], first["diffstategrad"], first["guidance_scale"], first["seed"]) for it in items):
+    if any(batch_key(it) != batch_key(first) for it in items):
         raise ValueError("evaluate_items takes items that differ only by image")
     state = _worker_state(context)
     kind = "latent" if first["solver"] in LATENT_SOLVERS else "pixel"
@@ -179,14 +188,10 @@ def evaluate_items(items: list[dict], context: dict) -> list[dict]:
     kwargs = solver_kwargs(first["solver"], first["task"], steps=context.get("steps"), guidance_multiplier=first["guidance_scale"], profile=state["profiles"][kind])
     projector = DiffStateGrad(**context.get("projector", {})) if first["diffstategrad"] else None
     result = solve(first["solver"], prior, problem.operator, y, shape=tuple(x.shape[1:]), seeds=seeds, projector=projector, **kwargs)
-    from diffstategrad.metrics import metrics_for
-
     scores = metrics_for(result.x.detach().float(), x.float(), lpips=state["lpips"])
-    out = Path(context["out"]) / "images"
     records = []
     for b, it in enumerate(items):
-        key = "|".join(str(it[k]) for k in ("image", "task", "solver", "diffstategrad", "guidance_scale", "seed"))
-        save_image(result.x[b : b + 1].detach().cpu(), out / f"{safe_name(key)}.png")
+        save_image(result.x[b : b + 1].detach().cpu(), reconstruction_path(context["out"], it))
         record = dict(it)
         values = {k: float(v[b]) for k, v in scores.items()}
         values.update(seconds=float(result.seconds) / len(items), failed=bool(result.failed[b]), failed_step=int(result.failed_step[b]), residual=float(result.residual[b]))

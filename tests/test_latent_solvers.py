@@ -10,8 +10,7 @@ from diffstategrad.solvers import SOLVERS, psld, resample, solve
 from diffstategrad.solvers.resample import REFERENCE, _optimize, hdc_stage, resample_gamma, stochastic_resample
 
 from test_daps import _latent_problem
-
-LDM = make_schedule("sqrt_linear")
+from tiny_models import LDM, TinyLatent, TinyPixel
 
 
 # --- ReSample reference: schedule indices, gamma, resampling, early stop (reference doc 2.1) ---------
@@ -102,40 +101,6 @@ def test_resample_on_a_linear_autoencoder_fits_the_data(setting):
 
 
 # --- tiny random networks: shapes, determinism, batch independence --------------------------------
-
-
-class TinyLatent(LatentDiffusionPrior):
-    """Random conv encoder/decoder (factor 2, 3 latent channels) and a random conv eps net."""
-
-    def __init__(self, seed=0):
-        super().__init__(LDM, latent_channels=3, downsampling=2)
-        torch.manual_seed(seed)
-        self.enc = nn.Conv2d(3, 3, 2, stride=2)
-        self.dec = nn.ConvTranspose2d(3, 3, 2, stride=2)
-        self.net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
-        self.eval()
-
-    def encode(self, x):
-        return self.enc(x)
-
-    def decode(self, z):
-        return torch.tanh(self.dec(z))
-
-    def eps(self, z, t):
-        t = torch.as_tensor(t, dtype=z.dtype).expand(z.shape[0]).view(-1, 1, 1, 1) / 1000
-        return self.net(torch.cat([z, t.expand(-1, 1, *z.shape[2:])], 1))
-
-
-class TinyPixel(DiffusionPrior):
-    def __init__(self, seed=0):
-        super().__init__(make_schedule("linear"), channels=3)
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
-        self.eval()
-
-    def eps(self, x, t):
-        t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0]).view(-1, 1, 1, 1) / 1000
-        return self.net(torch.cat([x, t.expand(-1, 1, *x.shape[2:])], 1))
 
 
 FAST = {

@@ -48,6 +48,9 @@ __all__ = [
     "build_dataset",
     "load_split",
     "RandomCrops",
+    "ArrayImages",
+    "find_fashion_mnist",
+    "load_fashion_mnist",
 ]
 
 DATASET_VERSION = 1
@@ -302,6 +305,100 @@ class RandomCrops(torch.utils.data.Dataset):
 
     def batch(self, start: int, batch_size: int) -> torch.Tensor:
         """Items start .. start + batch_size - 1 stacked into (B, 3, S, S)."""
+        return torch.stack([self[i] for i in range(start, start + batch_size)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST (Xiao, Rasul & Vollgraf 2017): the strong-prior domain
+# ---------------------------------------------------------------------------------------------
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
+FASHION_MNIST_LABEL_FILES = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
+FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
+def find_fashion_mnist(path: str | os.PathLike | None = None) -> Path:
+    """The folder with the Fashion-MNIST IDX files: ``path``, $DIFFSTATEGRAD_FASHION_MNIST or
+    Debian's /usr/share/datasets/fashion-mnist (``apt-get install dataset-fashion-mnist``)."""
+    candidates = [Path(path).expanduser()] if path else []
+    if os.environ.get("DIFFSTATEGRAD_FASHION_MNIST"):
+        candidates.append(Path(os.environ["DIFFSTATEGRAD_FASHION_MNIST"]).expanduser())
+    candidates.append(FASHION_MNIST_DIR)
+    for c in candidates:
+        if (c / FASHION_MNIST_FILES["train"]).is_file() or (c / FASHION_MNIST_FILES["test"]).is_file():
+            return c
+    raise FileNotFoundError("Fashion-MNIST not found (looked in " + ", ".join(map(str, candidates)) + "); "
+                            "install it with `sudo apt-get install dataset-fashion-mnist` or set DIFFSTATEGRAD_FASHION_MNIST")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array (the format of LeCun's MNIST files)."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} values")
+    return body.reshape(dims)
+
+
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, labels: bool = False, pad: int = 2):
+    """Fashion-MNIST ``split`` ("train": 60,000, "test": 10,000, held out) as uint8 (N, 28 + 2 pad,
+    28 + 2 pad), zero (black) padded to 32x32 by default; with ``labels`` also the (N,) classes."""
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    folder = find_fashion_mnist(root)
+    images = _read_idx(folder / FASHION_MNIST_FILES[split])
+    if pad:
+        images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))
+    if labels:
+        return images, _read_idx(folder / FASHION_MNIST_LABEL_FILES[split])
+    return images
+
+
+def gray_to_model_range(array: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W) -> float32 (..., 1, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.array(array, dtype=np.float32)).unsqueeze(-3).div_(127.5).sub_(1.0)
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """Whole images of a fixed-size dataset (Fashion-MNIST), (1, H, W) in [-1, 1], with random
+    horizontal flips; item ``i`` is image ``perm_e[i mod N]`` of epoch e = i // N, with a
+    permutation and flip drawn from (seed, e) and (seed, i): a pure function of (seed, i), so
+    resumed training sees what an uninterrupted run would, and every epoch visits each image once."""
+
+    def __init__(self, images: np.ndarray, flip: bool = True, seed: int = 0, length: int = 2**31 - 1):
+        self.images = np.ascontiguousarray(images)
+        self.flip, self.seed, self.length = bool(flip), int(seed), int(length)
+        self._perm_epoch, self._perm = -1, None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch, 0xFA5]).permutation(len(self.images))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def item_array(self, index: int) -> np.ndarray:
+        epoch, pos = divmod(int(index), len(self.images))
+        image = self.images[self._permutation(epoch)[pos]]
+        if self.flip and np.random.default_rng([self.seed, int(index), 0xF11]).random() < 0.5:
+            image = image[:, ::-1]
+        return image
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return gray_to_model_range(self.item_array(index))
+
+    def batch(self, start: int, batch_size: int) -> torch.Tensor:
         return torch.stack([self[i] for i in range(start, start + batch_size)])
 
 

@@ -82,10 +82,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffstategrad.data import RandomCrops
+from diffstategrad.data import ArrayImages, RandomCrops, load_fashion_mnist
 from diffstategrad.priors.small_autoencoder import AUTOENCODER_CONFIG, SmallAutoencoder, kl_divergence
-from diffstategrad.priors.unet import LATENT_UNET_CONFIG, PIXEL_UNET_CONFIG, UNet, count_parameters
-from diffstategrad.schedules import make_schedule
+from diffstategrad.priors.unet import LATENT_UNET_CONFIG, PIXEL_UNET_CONFIG, UNet, count_parameters, network_target
+from diffstategrad.schedules import alpha_bar_to_sigma, make_schedule
 
 __all__ = [
     "PixelTask",
@@ -120,6 +120,11 @@ SHARD_MAX_BYTES = 15 * 2**20
 SCALE_CROP_START = 2**40
 
 # Settings that may change between a run and its resumption (they do not change the maths).
+# Settings added after runs existed: a run.json without them had these values.
+_SETTING_DEFAULTS = {"dataset": "photos", "preconditioning": "none", "sigma_data": 0.5, "t_sampling": "uniform"}
+DATASETS = ("photos", "fashion-mnist")
+T_SAMPLINGS = ("uniform", "lognormal")
+
 _MUTABLE_SETTINGS = {"steps", "threads", "device", "workers", "checkpoint_minutes", "log_every", "snapshot_every",
                      "command", "max_minutes"}
 
@@ -214,6 +219,11 @@ def _numpy_rng_from_plain(obj) -> tuple:
 def data_summary(settings: dict[str, Any]) -> dict[str, Any]:
     """Training data of a run for its model card: image lists from the prepared folder."""
     root = Path(settings["data"])
+    if settings.get("dataset", "photos") == "fashion-mnist":
+        return {"root": str(root), "dataset": "fashion-mnist",
+                "description": "Fashion-MNIST (Xiao, Rasul & Vollgraf 2017), Debian package dataset-fashion-mnist; "
+                               "the 60,000 training images, zero-padded from 28x28 to 32x32; the 10,000 test images held out",
+                "train_images": 60000, "held_out_images": "the 10,000 test images", "crop": settings["crop"], "flip": True}
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
 
@@ -246,10 +256,13 @@ class _CropTask:
         self._dataset: RandomCrops | None = None
 
     @property
-    def dataset(self) -> RandomCrops:
+    def dataset(self) -> RandomCrops | ArrayImages:
         """The crop stream (loaded on first use, so exporting a run does not read its data)."""
         if self._dataset is None:
             s = self.settings
+            if s.get("dataset", "photos") == "fashion-mnist":
+                self._dataset = ArrayImages(load_fashion_mnist("train", root=s["data"]), seed=s["seed"])
+                return self._dataset
             self._dataset = RandomCrops(s["data"], "train", size=s["crop"], scale_range=tuple(s["scale_range"]),
                                         native_prob=s["native_prob"], seed=s["seed"])
         return self._dataset
@@ -285,22 +298,39 @@ class _CropTask:
 
 
 class _EpsilonMixin:
-    """The DDPM epsilon objective (Ho et al. 2020, Algorithm 1) on a batch of clean states."""
+    """The denoising objective on a batch of clean states: DDPM's epsilon regression (Ho et al.
+    2020, Algorithm 1) with ``preconditioning: none``, or EDM's preconditioned regression with
+    unit weight on the network's target (``edm``, see ``priors/unet.py``). Timesteps are drawn
+    uniformly (DDPM) or, with ``t_sampling: lognormal``, as the timesteps nearest to EDM's
+    ln(sigma) ~ N(-1.2, 1.2^2) (Karras et al. 2022, Table 1)."""
+
+    def _timesteps(self, B, gen, device):
+        T = self.schedule.num_timesteps
+        if self.settings.get("t_sampling", "uniform") == "uniform":
+            return torch.randint(0, T, (B,), generator=gen, device=device)
+        log_sigma = -1.2 + 1.2 * torch.randn(B, generator=gen, device=device)
+        sigmas = alpha_bar_to_sigma(self.schedule.alphas_cumprod).to(device, torch.float32)  # increasing in t
+        return torch.searchsorted(sigmas, log_sigma.exp()).clamp(max=T - 1)
 
     def _epsilon_loss(self, model, step, x0, device, autocast):
         B = x0.shape[0]
         gen = torch.Generator(device=device).manual_seed(step_seed(self.settings["seed"], step))
-        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=gen, device=device)
+        t = self._timesteps(B, gen, device)
         noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
         a = self.schedule.alpha_bar(t, like=x0)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        scale, target = network_target(x0, noise, a, self.settings.get("preconditioning", "none"), self.settings.get("sigma_data", 0.5))
         with autocast():
-            eps = model(x_t, t)
-        return torch.mean((eps.float() - noise) ** 2)
+            out = model(scale * x_t, t)
+        return torch.mean((out.float() - target) ** 2)
 
     def _diffusion_info(self) -> dict[str, Any]:
-        return {"schedule": {"name": self.settings["schedule"], "num_timesteps": self.settings["num_timesteps"]},
-                "prediction": "epsilon"}
+        info = {"schedule": {"name": self.settings["schedule"], "num_timesteps": self.settings["num_timesteps"]},
+                "prediction": "epsilon", "preconditioning": self.settings.get("preconditioning", "none"),
+                "t_sampling": self.settings.get("t_sampling", "uniform")}
+        if info["preconditioning"] == "edm":
+            info["sigma_data"] = self.settings.get("sigma_data", 0.5)
+        return info
 
 
 class PixelTask(_EpsilonMixin, _CropTask):
@@ -496,8 +526,9 @@ class Trainer:
 
     def _reconcile_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
         path = self.out / "run.json"
+        settings = {**_SETTING_DEFAULTS, **settings}
         if path.is_file():
-            saved = json.loads(path.read_text())
+            saved = {**_SETTING_DEFAULTS, **json.loads(path.read_text())}
             diffs = {
                 k: (saved.get(k), settings.get(k))
                 for k in set(saved) | set(settings)
@@ -972,7 +1003,8 @@ def build_builtin_prior(source, name: str = "builtin"):
     schedule = make_schedule(s["schedule"], s["num_timesteps"]) if "schedule" in s else None
     info = builtin_info(view, name) if schedule is not None else None
     if s["mode"] == "pixel":
-        prior = BuiltinPixelPrior(view.ema.config, schedule, info)
+        precond = {"kind": s.get("preconditioning", "none"), "sigma_data": s.get("sigma_data", 0.5)}
+        prior = BuiltinPixelPrior(view.ema.config, schedule, info, precond)
     elif s["mode"] == "latent":
         ae = view.task.autoencoder
         prior = BuiltinLatentPrior(view.ema.config, ae.config, schedule, view.task.scale_factor, info)
@@ -1164,11 +1196,23 @@ def _base_settings(mode, data, model, crop, batch, steps, lr, warmup, lr_schedul
 def pixel_settings(data, crop=64, batch=32, steps=20000, lr=2e-4, warmup=500, lr_schedule="constant",
                    ema_decay=0.999, weight_decay=0.0, grad_clip=1.0, bf16=True, seed=0, threads=1,
                    device="cpu", workers=0, model=None, scale_min=0.25, native_prob=0.25, checkpoint_minutes=5.0,
-                   log_every=50, snapshot_every=2500, command=None, max_minutes=None) -> dict[str, Any]:
+                   log_every=50, snapshot_every=2500, command=None, max_minutes=None, dataset="photos",
+                   preconditioning="none", sigma_data=0.5, t_sampling="uniform") -> dict[str, Any]:
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if t_sampling not in T_SAMPLINGS:
+        raise ValueError(f"t_sampling must be one of {T_SAMPLINGS}, got {t_sampling!r}")
+    if dataset == "fashion-mnist":
+        from diffstategrad.priors.unet import FASHION_UNET_CONFIG
+
+        model = model or FASHION_UNET_CONFIG
+        if crop != 32:
+            raise ValueError("Fashion-MNIST images are 32x32 after padding: use crop 32")
     s = _base_settings("pixel", data, model or PIXEL_UNET_CONFIG, crop, batch, steps, lr, warmup, lr_schedule,
                        ema_decay, weight_decay, grad_clip, bf16, seed, threads, device, workers, scale_min,
                        native_prob, checkpoint_minutes, log_every, snapshot_every, max_minutes, command)
-    return {**s, "schedule": "linear", "num_timesteps": 1000}
+    return {**s, "schedule": "linear", "num_timesteps": 1000, "dataset": dataset, "preconditioning": preconditioning,
+            "sigma_data": float(sigma_data), "t_sampling": t_sampling}
 
 
 def autoencoder_settings(data, crop=128, batch=16, steps=20000, lr=2e-4, warmup=200, lr_schedule="constant",
@@ -1274,12 +1318,28 @@ def main(argv=None):
 
     @cli.command("pixel")
     @train_options(crop=64, batch=32, steps=20000, lr=2e-4, warmup=500, ema_decay=0.999, snapshot_every=2500)
-    def pixel(**kw):
-        """Train the pixel-space epsilon-prediction UNet."""
+    @click.option("--dataset", type=click.Choice(DATASETS), default="photos", show_default=True,
+                  help="photos: crops of a prepared photo folder; fashion-mnist: --data is the IDX folder "
+                       "(/usr/share/datasets/fashion-mnist), --crop 32, a 1-channel UNet.")
+    @click.option("--preconditioning", type=click.Choice(["none", "edm"]), default="none", show_default=True,
+                  help="none: the network predicts epsilon (DDPM); edm: EDM's c_skip/c_out/c_in preconditioning and loss weighting.")
+    @click.option("--sigma-data", default=0.5, show_default=True, help="EDM's sigma_data (the data's standard deviation).")
+    @click.option("--t-sampling", type=click.Choice(T_SAMPLINGS), default="uniform", show_default=True,
+                  help="Training timesteps: uniform (DDPM) or nearest to EDM's log-normal sigma.")
+    def pixel(dataset, preconditioning, sigma_data, t_sampling, **kw):
+        """Train the pixel-space UNet (epsilon or EDM-preconditioned)."""
         from diffstategrad.priors.unet import TINY_UNET_CONFIG
 
-        check_crop(kw["crop"], 8, "the UNet halves the size three times")
-        run(pixel_settings(kw["data"], **common(kw, TINY_UNET_CONFIG if kw["tiny"] else None)), kw["out"])
+        model = TINY_UNET_CONFIG if kw["tiny"] else None
+        if model is not None and dataset == "fashion-mnist":
+            model = {**model, "in_channels": 1, "out_channels": 1, "channels": model["channels"][:3]}
+        check_crop(kw["crop"], 8 if dataset == "photos" else 4, "the UNet halves the size")
+        try:
+            settings = pixel_settings(kw["data"], **common(kw, model), dataset=dataset, preconditioning=preconditioning,
+                                      sigma_data=sigma_data, t_sampling=t_sampling)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        run(settings, kw["out"])
 
     @cli.command("autoencoder")
     @train_options(crop=128, batch=16, steps=20000, lr=2e-4, warmup=200, ema_decay=0.998, snapshot_every=0)

@@ -24,7 +24,7 @@ import torch
 
 from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_timesteps
 from diffstategrad.priors.registry import register_prior
-from diffstategrad.priors.unet import UNet
+from diffstategrad.priors.unet import PRECONDITIONINGS, UNet, network_eps
 from diffstategrad.schedules import VPSchedule
 
 __all__ = ["BuiltinPixelPrior", "BuiltinLatentPrior", "weights_dir", "list_builtin", "load_builtin"]
@@ -34,18 +34,32 @@ def weights_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "weights"
 
 
+def _preconditioning(spec: Mapping[str, Any] | None) -> dict[str, Any]:
+    spec = dict(spec or {"kind": "none"})
+    if spec.get("kind", "none") not in PRECONDITIONINGS:
+        raise ValueError(f"unknown preconditioning {spec.get('kind')!r}; known: {', '.join(PRECONDITIONINGS)}")
+    return {"kind": spec.get("kind", "none"), "sigma_data": float(spec.get("sigma_data", 0.5))}
+
+
 class BuiltinPixelPrior(DiffusionPrior):
-    """An epsilon-prediction UNet on RGB images in [-1, 1]."""
+    """A UNet on images in [-1, 1] (RGB or one channel), predicting epsilon directly or through
+    EDM's preconditioning (``preconditioning={"kind": "edm", "sigma_data": 0.5}``)."""
 
     format_name = "builtin-pixel"
 
-    def __init__(self, unet_config: Mapping[str, Any], schedule: VPSchedule, info: Mapping[str, Any] | None = None):
+    def __init__(self, unet_config: Mapping[str, Any], schedule: VPSchedule, info: Mapping[str, Any] | None = None,
+                 preconditioning: Mapping[str, Any] | None = None):
         super().__init__(schedule, channels=int(unet_config["in_channels"]))
         self.unet = UNet(unet_config)
         self.info = dict(info or {})
+        self.preconditioning = _preconditioning(preconditioning)
 
     def eps(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        return self.unet(x_t, as_timesteps(t, x_t.shape[0], x_t.device))
+        t = as_timesteps(t, x_t.shape[0], x_t.device)
+        if self.preconditioning["kind"] == "none":
+            return self.unet(x_t, t)
+        a = self.alpha_bar(t, like=x_t)
+        return network_eps(self.unet, x_t, t, a, self.preconditioning["kind"], self.preconditioning["sigma_data"])
 
     def check_size(self, height: int, width: int) -> None:
         self.unet.check_size(height, width)
@@ -54,12 +68,15 @@ class BuiltinPixelPrior(DiffusionPrior):
         return f"height and width multiples of {self.unet.size_multiple} (trained on {self.info.get('crop', '?')}px crops)"
 
     def export(self):
-        return {"unet": self.unet.config, "info": self.info}, dict(self.state_dict())
+        spec = {"unet": self.unet.config, "info": self.info}
+        if self.preconditioning["kind"] != "none":
+            spec["preconditioning"] = dict(self.preconditioning)
+        return spec, dict(self.state_dict())
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], schedule: VPSchedule) -> "BuiltinPixelPrior":
         with torch.device("meta"):
-            return cls(spec["unet"], schedule, spec.get("info"))
+            return cls(spec["unet"], schedule, spec.get("info"), spec.get("preconditioning"))
 
 
 class BuiltinLatentPrior(LatentDiffusionPrior):

@@ -16,7 +16,7 @@ from torch import nn
 from ckpt_helpers import TINY_ADM_ARGS, adm_to_diffusers, fake_lightning_modules, lightning_checkpoint, random_state
 from diffstategrad.operators.base import MatrixOperator
 from diffstategrad.priors import load_prior
-from diffstategrad.priors.checkpoints import (
+from diffstategrad.storage import (
     CheckpointFormatError,
     CheckpointMismatchError,
     CheckpointNotFoundError,

@@ -23,7 +23,7 @@ from ckpt_helpers import (
 )
 from diffstategrad.operators.base import MatrixOperator
 from diffstategrad.priors import load_prior
-from diffstategrad.priors.checkpoints import CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
+from diffstategrad.storage import CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
 from diffstategrad.priors.compvis import CompVisLatentPrior, LDMConfigError, ema_key, ldm_schedule, read_ldm_config
 from diffstategrad.solvers import dps
 

@@ -14,7 +14,7 @@ from ckpt_helpers import TINY_ADM_ARGS, ldm_schedule_buffers, lightning_checkpoi
 from diffstategrad.convert import convert
 from diffstategrad.operators.base import MatrixOperator
 from diffstategrad.priors import load_prior
-from diffstategrad.priors.checkpoints import CheckpointFormatError, CheckpointMismatchError, build_on_meta
+from diffstategrad.storage import CheckpointFormatError, CheckpointMismatchError, build_on_meta
 from diffstategrad.priors.compvis import CompVisLatentPrior, ldm_schedule, read_ldm_config
 from diffstategrad.priors.guided_diffusion import UNetModel, guided_diffusion_unet_config
 from diffstategrad.solvers import dps

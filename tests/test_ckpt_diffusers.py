@@ -11,7 +11,7 @@ import torch
 
 from diffstategrad.operators.base import MatrixOperator
 from diffstategrad.priors import load_prior
-from diffstategrad.priors.checkpoints import CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError
+from diffstategrad.storage import CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError
 from diffstategrad.priors.diffusers_loader import DiffusersLatentPrior, DiffusersPixelPrior
 from diffstategrad.solvers import dps
 

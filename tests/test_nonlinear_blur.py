@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffstategrad.priors.checkpoints import CheckpointError, CheckpointMismatchError
+from diffstategrad.storage import CheckpointError, CheckpointMismatchError
 import torch.nn.functional as F
 
 from diffstategrad.operators import (

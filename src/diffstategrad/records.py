@@ -13,18 +13,9 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from diffstategrad.storage import atomic_write_text
+
 __all__ = ["RecordStore", "atomic_write_text"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RecordStore:

@@ -86,6 +86,7 @@ from diffstategrad.data import ArrayImages, RandomCrops, load_fashion_mnist
 from diffstategrad.priors.small_autoencoder import AUTOENCODER_CONFIG, SmallAutoencoder, kl_divergence
 from diffstategrad.priors.unet import LATENT_UNET_CONFIG, PIXEL_UNET_CONFIG, UNet, count_parameters, network_target
 from diffstategrad.schedules import alpha_bar_to_sigma, make_schedule
+from diffstategrad.storage import atomic_torch_save, atomic_write_text, read_safetensors, read_safetensors_metadata, save_safetensors
 
 __all__ = [
     "PixelTask",
@@ -133,20 +134,6 @@ def step_seed(seed: int, step: int) -> int:
     """A 63-bit seed for the random draws (t, eps) of training step ``step``."""
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), 0x7E5]).generate_state(2, dtype=np.uint32)
     return ((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -537,7 +524,7 @@ class Trainer:
             if diffs:
                 lines = ", ".join(f"{k}: run has {a!r}, command gives {b!r}" for k, (a, b) in sorted(diffs.items()))
                 raise ValueError(f"{self.out} holds a run with other settings ({lines}); use another --out or the same settings")
-        _atomic_write_text(path, json.dumps(settings, indent=2))
+        atomic_write_text(path, json.dumps(settings, indent=2))
         return settings
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -564,7 +551,7 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> None:
-        _atomic_torch_save(self.state_dict(), self.out / CHECKPOINT_NAME)
+        atomic_torch_save(self.state_dict(), self.out / CHECKPOINT_NAME)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         ckpt = load_checkpoint_file(self.out / CHECKPOINT_NAME)
@@ -878,8 +865,6 @@ def export_weights(source, out: str | os.PathLike) -> Path:
     ``out`` (.safetensors, the record in its metadata) plus the record as JSON beside it (same
     stem). Returns the safetensors path. Latent runs export as a converted folder
     (``export_builtin``)."""
-    from safetensors.torch import save_file
-
     view = run_view(source)
     mode = view.settings["mode"]
     if mode == "pixel":
@@ -890,19 +875,14 @@ def export_weights(source, out: str | os.PathLike) -> Path:
         raise ValueError("a latent run exports as a converted folder: use export_builtin / `export-builtin`")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in view.ema.state_dict().items()}
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"config": json.dumps(record)})
-    os.replace(tmp, out)
-    _atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2))
+    tensors = {k: v.detach().to("cpu", torch.float32) for k, v in view.ema.state_dict().items()}
+    save_safetensors(tensors, out, metadata={"config": json.dumps(record)})
+    atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2))
     return out
 
 
 def _read_record(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    meta = read_safetensors_metadata(path)
     if "config" not in meta:
         raise ValueError(f"{path} has no diffstategrad config in its metadata")
     return json.loads(meta["config"])
@@ -910,22 +890,18 @@ def _read_record(path: Path) -> dict:
 
 def load_exported(path: str | os.PathLike, device="cpu") -> tuple[UNet, dict]:
     """(UNet in eval mode, record) from an exported pixel .safetensors (record read from its metadata)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     record = _read_record(path)
     if record.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a {EXPORT_FORMAT} file (format {record.get('format')!r})")
     model = UNet(record["architecture"])
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict(read_safetensors(path), strict=True)
     return model.to(device).eval(), record
 
 
 def load_autoencoder(path: str | os.PathLike) -> tuple[SmallAutoencoder, dict]:
     """(autoencoder in eval mode with its EMA weights, summary) from an autoencoder run folder
     (its checkpoint), its export folder or an exported ``autoencoder.safetensors``."""
-    from safetensors.torch import load_file
-
     p = Path(path)
     if p.is_dir() and (p / CHECKPOINT_NAME).is_file():
         view = run_view(p)
@@ -942,7 +918,7 @@ def load_autoencoder(path: str | os.PathLike) -> tuple[SmallAutoencoder, dict]:
     if record.get("format") != AUTOENCODER_EXPORT_FORMAT:
         raise ValueError(f"{p} is not a {AUTOENCODER_EXPORT_FORMAT} file (format {record.get('format')!r})")
     ae = SmallAutoencoder(record["architecture"])
-    ae.load_state_dict(load_file(str(p)), strict=True)
+    ae.load_state_dict(read_safetensors(p), strict=True)
     return ae.eval(), {**record["summary"], "export": str(p)}
 
 
@@ -1079,13 +1055,9 @@ def split_shards(path: str | os.PathLike, prefix: str | os.PathLike, max_bytes: 
     each (whole tensors per shard; each shard is itself a safetensors file). Every shard's
     metadata carries the original metadata, the shard count and a digest of all tensors, which
     ``join_shards`` checks."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     path, prefix = Path(path), Path(prefix)
-    with safe_open(str(path), framework="pt") as fh:
-        metadata = fh.metadata() or {}
-    tensors = load_file(str(path))
+    metadata = read_safetensors_metadata(path)
+    tensors = read_safetensors(path)
     digest = _tensor_digest(tensors)
     budget = max_bytes - 256 * 1024  # room for the JSON header
     groups: list[list[str]] = [[]]
@@ -1107,7 +1079,7 @@ def split_shards(path: str | os.PathLike, prefix: str | os.PathLike, max_bytes: 
         shard = prefix.with_name(f"{prefix.name}.part{i}.safetensors")
         meta = {"diffstategrad_shard": "1", "shard": str(i), "shards": str(len(groups)), "original_name": path.name,
                 "original_sha256": _sha256_file(path), "tensors_sha256": digest, "original_metadata": json.dumps(metadata)}
-        save_file({k: tensors[k].contiguous() for k in keys}, str(shard), metadata=meta)
+        save_safetensors({k: tensors[k] for k in keys}, shard, metadata=meta)
         if shard.stat().st_size > max_bytes:
             raise RuntimeError(f"{shard} came out larger than {max_bytes} bytes")
         paths.append(shard)
@@ -1123,16 +1095,12 @@ def join_shards(parts, out: str | os.PathLike) -> Path:
 
     From a shell:  python -m diffstategrad.train join-shards OUT.safetensors PREFIX.part*.safetensors
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     parts = [Path(p) for p in parts]
     if not parts:
         raise ValueError("no shards given")
     metas = []
     for p in parts:
-        with safe_open(str(p), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        meta = read_safetensors_metadata(p)
         if meta.get("diffstategrad_shard") != "1":
             raise ValueError(f"{p} is not a shard written by split_shards")
         metas.append(meta)
@@ -1142,7 +1110,7 @@ def join_shards(parts, out: str | os.PathLike) -> Path:
         raise ValueError(f"expected shards 0..{count - 1} of one file, got indices {indices}")
     tensors: dict[str, torch.Tensor] = {}
     for p in parts:
-        for k, v in load_file(str(p)).items():
+        for k, v in read_safetensors(p).items():
             if k in tensors:
                 raise ValueError(f"tensor {k} appears in two shards")
             tensors[k] = v
@@ -1150,10 +1118,7 @@ def join_shards(parts, out: str | os.PathLike) -> Path:
         raise ValueError("the joined tensors differ from the original file's (a shard is damaged)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=json.loads(metas[0]["original_metadata"]))
-    os.replace(tmp, out)
-    return out
+    return save_safetensors(tensors, out, metadata=json.loads(metas[0]["original_metadata"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffstategrad.priors.checkpoints import CheckpointMismatchError, build_on_meta, load_state_dict_file
+from diffstategrad.storage import CheckpointMismatchError, build_on_meta, load_state_dict_file
 from diffstategrad.operators.base import Operator, check_image_batch
 
 __all__ = [
@@ -282,9 +282,9 @@ def load_kernel_wizard(path, config: KernelWizardConfig | None = None) -> Kernel
 
     The file must hold a state_dict (bkse saves ``network.state_dict()``); a leading ``module.``
     on the keys is removed, as bkse's own ``load_network`` does. Read through
-    :mod:`diffstategrad.priors.checkpoints` (weights_only / restricted unpickling); a missing
+    :mod:`diffstategrad.storage` (weights_only / restricted unpickling); a missing
     file raises FileNotFoundError and a checkpoint of another layout
-    :class:`~diffstategrad.priors.checkpoints.CheckpointMismatchError` naming the first
+    :class:`~diffstategrad.storage.CheckpointMismatchError` naming the first
     missing, unexpected and mis-shaped keys.
     """
     network = build_on_meta(KernelWizard, config)  # no random weights, not even for a moment

@@ -35,7 +35,7 @@ from torch import nn
 
 from diffstategrad.priors.autoencoders import AutoencoderKL, VQModel
 from diffstategrad.priors.base import LatentDiffusionPrior, as_timesteps
-from diffstategrad.priors.checkpoints import (
+from diffstategrad.storage import (
     CheckpointError,
     CheckpointMismatchError,
     CheckpointNotFoundError,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from diffstategrad.priors.base import DiffusionPrior
-from diffstategrad.priors.checkpoints import (
+from diffstategrad.storage import (
     CheckpointFormatError,
     CheckpointNotFoundError,
     load_into,

@@ -11,7 +11,7 @@ Supported layouts:
 The diffusers library is imported only here, when such a prior is loaded (an optional
 dependency: ``pip install diffusers``). Weights are read by diffusers (safetensors, or
 ``torch.load(weights_only=True)`` for ``.bin``) and every missing, unexpected or mis-shaped key
-it reports is turned into a :class:`~diffstategrad.priors.checkpoints.CheckpointMismatchError`.
+it reports is turned into a :class:`~diffstategrad.storage.CheckpointMismatchError`.
 
 The schedule comes from the scheduler config (``beta_schedule``, ``beta_start``, ``beta_end``,
 ``num_train_timesteps`` or ``trained_betas``) through :mod:`diffstategrad.schedules`; epsilon,
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_timesteps
-from diffstategrad.priors.checkpoints import CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError, format_keys
+from diffstategrad.storage import CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError, format_keys
 from diffstategrad.priors.registry import register_prior
 from diffstategrad.schedules import VPSchedule, make_schedule, v_to_eps, x0_to_eps
 

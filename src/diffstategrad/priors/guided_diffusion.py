@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffstategrad.priors.base import DiffusionPrior, as_timesteps
-from diffstategrad.priors.checkpoints import build_on_meta, load_into, read_state_dict
+from diffstategrad.storage import build_on_meta, load_into, read_state_dict
 from diffstategrad.priors.registry import register_prior
 from diffstategrad.priors.unet import timestep_embedding
 from diffstategrad.schedules import VPSchedule, make_schedule

@@ -1,7 +1,15 @@
-"""Reading checkpoint files safely and matching them strictly against a network.
+"""Everything the package reads from or writes to disk besides images: checkpoints read
+safely and matched strictly against a network, safetensors files, and atomic writes.
 
-Every loader of the package (guided-diffusion, CompVis LDM, diffusers, bkse, converted folders)
-goes through the functions here, so every format gets the same guarantees:
+It sits below operators, priors, training, metrics and records (it imports none of them), so
+that every part of the package that touches weights or result files gets the same guarantees.
+
+Writing: every file is written to a temporary name beside its target, flushed, and moved into
+place with ``os.replace`` (``atomic_write_text``, ``atomic_torch_save``, ``save_safetensors``),
+so a crash leaves the old file or the new one, never a torn one.
+
+Reading: every loader of the package (guided-diffusion, CompVis LDM, diffusers, bkse, converted
+folders, the trainer's checkpoints, the LPIPS cache) goes through the functions here:
 
 - No code from a checkpoint ever runs. ``.safetensors`` files are read by the safetensors
   library (no pickle at all); ``.pt`` / ``.ckpt`` / ``.pth`` files are read with
@@ -54,6 +62,9 @@ __all__ = [
     "load_state_dict_file",
     "build_on_meta",
     "save_safetensors",
+    "read_safetensors_metadata",
+    "atomic_write_text",
+    "atomic_torch_save",
     "format_keys",
 ]
 
@@ -475,14 +486,66 @@ def load_state_dict_file(
 # ---------------------------------------------------------------------------------------------
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a dict of tensors as safetensors (contiguous CPU copies; no shared storage)."""
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _replace(tmp: Path, path: Path, mode: int | None = None) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    if mode is not None:
+        os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_torch_save(obj, path) -> Path:
+    """``torch.save`` (tensors and plain values only, so ``weights_only=True`` reads it back)
+    through a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        torch.save(obj, tmp)
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path, metadata: Mapping[str, str] | None = None, mode: int | None = None) -> Path:
+    """Write a dict of tensors as safetensors (contiguous CPU copies; no shared storage),
+    atomically; ``mode`` sets the file's permissions."""
     from safetensors.torch import save_file
 
     path = Path(path)
     data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(data, str(tmp), metadata=dict(metadata or {}))
-    os.replace(tmp, path)
+    tmp = _temporary(path)
+    try:
+        save_file(data, str(tmp), metadata=dict(metadata or {}))
+        _replace(tmp, path, mode)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def read_safetensors_metadata(path, what: str = "weights file") -> dict[str, str]:
+    """The string metadata of a safetensors file (no tensors are read)."""
+    from safetensors import safe_open
+
+    path = _check_file(path, what)
+    if _sniff(path) != "safetensors":
+        raise CheckpointFormatError(f"{what} {path} is not a safetensors file")
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
 

@@ -17,11 +17,14 @@ import os
 from pathlib import Path
 
 from diffstategrad.priors.converted import load_converted, save_converted
-from diffstategrad.priors.registry import load_prior
+from diffstategrad.priors.registry import list_formats, load_prior
 
-__all__ = ["convert", "CONVERTIBLE_FORMATS"]
+__all__ = ["convert", "convertible_formats"]
 
-CONVERTIBLE_FORMATS = ("guided-diffusion", "compvis-ldm", "diffusers")
+
+def convertible_formats() -> list[str]:
+    """The formats whose original checkpoints ``convert`` reads (from the format catalogue)."""
+    return [f.name for f in list_formats(convertible=True)]
 
 
 def convert(format: str, checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
@@ -39,8 +42,8 @@ def convert(format: str, checkpoint: str | os.PathLike, out_dir: str | os.PathLi
             ``scale_factor=`` for compvis-ldm; ``revision=``, ``scaling_factor=``,
             ``prediction_type=`` for diffusers).
     """
-    if format not in CONVERTIBLE_FORMATS:
-        raise ValueError(f"cannot convert format {format!r}; choose one of {', '.join(CONVERTIBLE_FORMATS)}")
+    if format not in convertible_formats():
+        raise ValueError(f"cannot convert format {format!r}; choose one of {', '.join(convertible_formats())}")
     prior = load_prior(format, checkpoint, **kwargs)
     out = save_converted(prior, out_dir, source=str(checkpoint), overwrite=overwrite)
     if verify:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_timesteps
-from diffstategrad.priors.registry import register_prior
+from diffstategrad.priors.registry import register_format, register_prior
 from diffstategrad.priors.unet import PRECONDITIONINGS, UNet, network_eps
 from diffstategrad.schedules import VPSchedule
 
@@ -162,6 +162,15 @@ def load_builtin(name: str | None = None, kind: str = "pixel", device=None) -> D
     return load_converted(match["path"], device=device)
 
 
+register_format(BuiltinPixelPrior.format_name, BuiltinPixelPrior.from_spec,
+                description="a pixel UNet trained by diffstategrad.train (epsilon or EDM-preconditioned)")
+register_format(BuiltinLatentPrior.format_name, BuiltinLatentPrior.from_spec,
+                description="a latent UNet + small autoencoder trained by diffstategrad.train")
 register_prior("builtin", load_builtin, "a model shipped with the package: load_prior('builtin'[, NAME]) (pixel by default)")
 register_prior("builtin-latent", lambda name=None, device=None: load_builtin(name, kind="latent", device=device),
                "the shipped latent model: load_prior('builtin-latent'[, NAME])")
+
+# every shipped model also loads by the name `diffstategrad models` lists: load_prior("pixel")
+for _model in list_builtin():
+    register_prior(_model["name"], lambda device=None, _name=_model["name"]: load_builtin(_name, device=device),
+                   f"the shipped {_model['kind']} model {_model['name']!r} (diffstategrad models)")

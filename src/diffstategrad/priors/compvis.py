@@ -46,7 +46,7 @@ from diffstategrad.storage import (
     extract_state_dict,
 )
 from diffstategrad.priors.guided_diffusion import UNetModel
-from diffstategrad.priors.registry import register_prior
+from diffstategrad.priors.registry import register_format
 from diffstategrad.schedules import VPSchedule, make_schedule, v_to_eps, x0_to_eps
 
 __all__ = ["CompVisLatentPrior", "LDMConfig", "LDMConfigError", "read_ldm_config", "ldm_schedule", "load_compvis_ldm", "ema_key",
@@ -411,6 +411,6 @@ def load_compvis_ldm(
     return prior.to(device) if device is not None else prior
 
 
-register_prior(
-    "compvis-ldm", load_compvis_ldm,
-    "CompVis LatentDiffusion checkpoint: load_prior('compvis-ldm', checkpoint=PATH, config=YAML, weights='raw' | 'ema')")
+register_format(
+    CompVisLatentPrior.format_name, CompVisLatentPrior.from_spec, load=load_compvis_ldm, convertible=True,
+    description="CompVis LatentDiffusion checkpoint: load_prior('compvis-ldm', checkpoint=PATH, config=YAML, weights='raw' | 'ema')")

@@ -15,7 +15,6 @@ config.json::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from diffstategrad.storage import (
     read_safetensors,
     save_safetensors,
 )
-from diffstategrad.priors.registry import register_prior
+from diffstategrad.priors.registry import get_format, list_formats, register_prior
 from diffstategrad.schedules import VPSchedule
 
 __all__ = ["save_converted", "load_converted", "CONFIG_FILE", "WEIGHTS_FILE", "FORMAT_VERSION"]
@@ -40,28 +39,13 @@ FORMAT_VERSION = 1
 SCHEDULE_KEY = "schedule.alphas_cumprod"
 
 
-def _builders() -> dict[str, Callable[[dict, VPSchedule], DiffusionPrior]]:
-    from diffstategrad.priors.builtin import BuiltinLatentPrior, BuiltinPixelPrior
-    from diffstategrad.priors.compvis import CompVisLatentPrior
-    from diffstategrad.priors.diffusers_loader import diffusers_prior_from_spec
-    from diffstategrad.priors.guided_diffusion import GuidedDiffusionPrior
-
-    return {
-        GuidedDiffusionPrior.format_name: GuidedDiffusionPrior.from_spec,
-        CompVisLatentPrior.format_name: CompVisLatentPrior.from_spec,
-        "diffusers": diffusers_prior_from_spec,
-        BuiltinPixelPrior.format_name: BuiltinPixelPrior.from_spec,
-        BuiltinLatentPrior.format_name: BuiltinLatentPrior.from_spec,
-    }
-
-
 def save_converted(prior: DiffusionPrior, out_dir, source: str = "", overwrite: bool = False) -> Path:
     """Write ``prior`` (one loaded from a supported format) to ``out_dir``."""
     export = getattr(prior, "export", None)
     fmt = getattr(prior, "format_name", None)
-    if export is None or fmt not in _builders():
-        raise TypeError(f"{type(prior).__name__} cannot be converted (only guided-diffusion, compvis-ldm, "
-                        "diffusers and built-in priors can)")
+    known = [f.name for f in list_formats()]
+    if export is None or fmt not in known:
+        raise TypeError(f"{type(prior).__name__} cannot be converted (only priors of the registered formats can: {', '.join(known)})")
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace its files")
@@ -96,15 +80,16 @@ def load_converted(path, *, dtype: torch.dtype = torch.float32, device=None) -> 
         raise CheckpointFormatError(f"{config_path} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or config.get("diffstategrad_converted") != FORMAT_VERSION:
         raise CheckpointFormatError(f"{config_path} is not a diffstategrad converted-model config (version {FORMAT_VERSION})")
-    builders = _builders()
     fmt = config.get("format")
-    if fmt not in builders:
-        raise CheckpointFormatError(f"{config_path}: unknown format {fmt!r} (known: {', '.join(builders)})")
+    try:
+        builder = get_format(str(fmt)).from_spec
+    except ValueError:
+        raise CheckpointFormatError(f"{config_path}: unknown format {fmt!r} (known: {', '.join(f.name for f in list_formats())})") from None
     tensors = read_safetensors(weights_path, what="converted weights")
     if SCHEDULE_KEY not in tensors:
         raise CheckpointFormatError(f"{weights_path} has no {SCHEDULE_KEY}")
     schedule = VPSchedule(tensors.pop(SCHEDULE_KEY), name=str(config.get("schedule_name", "converted")))
-    prior = builders[fmt](config["spec"], schedule)
+    prior = builder(config["spec"], schedule)
     load_into(prior, tensors, source=weights_path, what=f"{fmt} prior described by {CONFIG_FILE}", dtype=dtype)
     prior = prior.eval().requires_grad_(False)
     return prior.to(device) if device is not None else prior

@@ -38,7 +38,7 @@ from torch import nn
 
 from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_timesteps
 from diffstategrad.storage import CheckpointFormatError, CheckpointMismatchError, CheckpointNotFoundError, format_keys
-from diffstategrad.priors.registry import register_prior
+from diffstategrad.priors.registry import register_format
 from diffstategrad.schedules import VPSchedule, make_schedule, v_to_eps, x0_to_eps
 
 __all__ = ["DiffusersPixelPrior", "DiffusersLatentPrior", "load_diffusers", "schedule_from_scheduler_config",
@@ -365,7 +365,7 @@ def load_diffusers(
     return prior.to(device) if device is not None else prior
 
 
-register_prior(
-    "diffusers", load_diffusers,
-    "diffusers repository (folder or Hub ID) with a UNet2DModel (+ VQModel / AutoencoderKL): "
+register_format(
+    "diffusers", diffusers_prior_from_spec, load=load_diffusers, convertible=True,
+    description="diffusers repository (folder or Hub ID) with a UNet2DModel (+ VQModel / AutoencoderKL): "
     "load_prior('diffusers', PATH_OR_HUB_ID); needs pip install diffusers")

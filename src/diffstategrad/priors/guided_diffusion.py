@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from diffstategrad.priors.base import DiffusionPrior, as_timesteps
 from diffstategrad.storage import build_on_meta, load_into, read_state_dict
-from diffstategrad.priors.registry import register_prior
+from diffstategrad.priors.registry import register_format
 from diffstategrad.priors.unet import timestep_embedding
 from diffstategrad.schedules import VPSchedule, make_schedule
 
@@ -488,6 +488,6 @@ def load_guided_diffusion(
     return prior.to(device) if device is not None else prior
 
 
-register_prior(
-    "guided-diffusion", load_guided_diffusion,
-    "guided-diffusion / ADM checkpoint: load_prior('guided-diffusion', checkpoint=PATH, preset='ffhq256' | 'imagenet256')")
+register_format(
+    GuidedDiffusionPrior.format_name, GuidedDiffusionPrior.from_spec, load=load_guided_diffusion, convertible=True,
+    description="guided-diffusion / ADM checkpoint: load_prior('guided-diffusion', checkpoint=PATH, preset='ffhq256' | 'imagenet256')")

@@ -1,8 +1,12 @@
-"""``load_prior``: the one entry point to every prior the package can build or load.
+"""``load_prior``: the one entry point to every prior the package can build or load, and the
+catalogue of checkpoint formats.
 
-A source is a registered name (``list_priors()``); later formats (built-in weights,
-guided-diffusion, CompVis LDM, diffusers) register themselves here, so user code and the CLI
-never change when a new format arrives.
+A source is a registered name (``list_priors()``): an analytic oracle, a checkpoint format, or
+a shipped model by the name ``diffstategrad models`` lists. Each format module registers itself
+here with ``register_format``: the loader ``load_prior(FORMAT, ...)`` calls, the builder that
+rebuilds it from a converted folder's spec, and whether ``diffstategrad convert FORMAT`` reads
+its checkpoints. Converted folders, the CLI and user code read the catalogue, so a new format
+is one module that registers itself (and its import in ``priors/__init__.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from diffstategrad.priors.analytic import GaussianMixturePrior, GaussianPrior
 from diffstategrad.priors.base import DiffusionPrior
 
-__all__ = ["load_prior", "register_prior", "list_priors", "PriorEntry"]
+__all__ = ["load_prior", "register_prior", "list_priors", "PriorEntry", "PriorFormat", "register_format", "get_format", "list_formats"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,38 @@ class PriorEntry:
     description: str
 
 
+@dataclass(frozen=True)
+class PriorFormat:
+    """A checkpoint format: ``from_spec(spec, schedule)`` rebuilds a prior (on the meta device)
+    from a converted folder's spec; ``convertible``: ``convert`` reads its original checkpoints."""
+
+    name: str
+    from_spec: Callable
+    convertible: bool
+    description: str
+
+
 _REGISTRY: dict[str, PriorEntry] = {}
+_FORMATS: dict[str, PriorFormat] = {}
+
+
+def register_format(name: str, from_spec: Callable, *, load: Callable[..., DiffusionPrior] | None = None,
+                    convertible: bool = False, description: str = "") -> None:
+    """Register a checkpoint format (and, with ``load``, its ``load_prior(name, ...)`` entry)."""
+    _FORMATS[name] = PriorFormat(name, from_spec, convertible, description)
+    if load is not None:
+        register_prior(name, load, description)
+
+
+def get_format(name: str) -> PriorFormat:
+    if name not in _FORMATS:
+        raise ValueError(f"unknown checkpoint format {name!r}; known: {', '.join(sorted(_FORMATS))}")
+    return _FORMATS[name]
+
+
+def list_formats(convertible: bool | None = None) -> list[PriorFormat]:
+    """The registered formats (only the ones ``convert`` reads, with ``convertible=True``)."""
+    return [f for f in _FORMATS.values() if convertible is None or f.convertible == convertible]
 
 
 def register_prior(name: str, factory: Callable[..., DiffusionPrior], description: str = "") -> None:

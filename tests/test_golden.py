@@ -97,3 +97,19 @@ if __name__ == "__main__":
             g = golden_of(run_case(case, projected))
             print(f'    "{case}/{"diffstategrad" if projected else "plain"}": {g},')
     print("}")
+
+
+def test_every_solver_calls_back_with_one_key_set():
+    from diffstategrad.solvers import CALLBACK_KEYS
+
+    for case in CASES:
+        kw = dict(CASES[case])
+        name = kw.pop("solver", case)
+        prior = TinyLatent() if name in LATENT else TinyPixel()
+        op = MatrixOperator(torch.randn(20, 3 * 8 * 12, generator=torch.Generator().manual_seed(1)) / 10, SHAPE)
+        y = torch.randn(1, 20, generator=torch.Generator().manual_seed(2)) * 0.1
+        seen = []
+        solve(name, prior, op, y, shape=SHAPE, seeds=[0], projector=DiffStateGrad(var_cutoff=0.9), callback=seen.append, **kw)
+        assert seen and all(tuple(s) == CALLBACK_KEYS for s in seen), case
+        assert [s["step"] for s in seen] == list(range(seen[0]["steps"])), case
+        assert all(s["x0"].shape == s["x"].shape and s["sigma"] >= 0 and isinstance(s["t"], int) for s in seen), case

@@ -1,18 +1,20 @@
-"""Solvers with one signature; ``solve(name, ...)`` dispatches by name."""
+"""Solvers with one signature; ``solve(name, ...)`` dispatches by name.
 
-from diffstategrad.solvers.base import SolveResult
+Each solver module registers itself in the catalogue (``solvers/registry.py``) with the prior
+kinds it runs on; importing it here is all a new solver needs.
+"""
+
+from diffstategrad.solvers.base import CALLBACK_KEYS, SolveResult
 from diffstategrad.solvers.daps import daps, latent_daps
 from diffstategrad.solvers.dps import dps
 from diffstategrad.solvers.psld import psld
+from diffstategrad.solvers.registry import SOLVERS, SolverSpec, solver_names, solver_spec
 from diffstategrad.solvers.resample import resample
 
-SOLVERS = {"dps": dps, "psld": psld, "resample": resample, "daps": daps, "latent-daps": latent_daps}
-
-__all__ = ["SOLVERS", "SolveResult", "daps", "dps", "latent_daps", "psld", "resample", "solve"]
+__all__ = ["CALLBACK_KEYS", "SOLVERS", "SolveResult", "SolverSpec", "daps", "dps", "latent_daps", "psld", "resample", "solve",
+           "solver_names", "solver_spec"]
 
 
 def solve(name: str, prior, operator, y, **kwargs) -> SolveResult:
-    """Run the solver called ``name`` (see ``SOLVERS``) with the shared keyword signature."""
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
-    return SOLVERS[name](prior, operator, y, **kwargs)
+    """Run the solver called ``name`` (see ``solver_names()``) with the shared keyword signature."""
+    return solver_spec(name).fn(prior, operator, y, **kwargs)

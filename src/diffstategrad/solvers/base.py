@@ -18,7 +18,18 @@ import torch
 
 from diffstategrad.rng import SampleGenerators, derive_seed
 
-__all__ = ["SolveResult", "SolveRun", "FailureTracker", "per_sample_residual", "solver_generators", "Stopwatch", "initial_state", "step_pairs"]
+__all__ = ["CALLBACK_KEYS", "SolveResult", "SolveRun", "FailureTracker", "per_sample_residual", "solver_generators", "Stopwatch", "initial_state", "step_pairs"]
+
+
+# What every solver's callback receives after each step, whatever the solver:
+#   step      the step index (0 first), steps: the number of steps
+#   t         the discrete timestep of the state (DAPS: the timestep nearest to its sigma)
+#   sigma     the state's noise level in the sigma (VE) parameterisation, sqrt((1 - a) / a)
+#   x         the solver's state after the step (a latent for latent priors)
+#   x0        the clean estimate of this step, in the state's space (prior.to_image decodes it)
+#   residual  (B,) ||y - A(x0)||, rank: (B,) DiffStateGrad ranks or None where it did not apply
+#   info      solver-specific extras (DPS: grad_norm; DAPS: x0_y; ReSample: hdc)
+CALLBACK_KEYS = ("step", "steps", "t", "sigma", "x", "x0", "residual", "rank", "info")
 
 
 @dataclass
@@ -147,6 +158,7 @@ class SolveRun:
         self.tracker = FailureTracker(y, divergence_factor)
         self.history: dict = {"residual": [], "rank": [], **{key: [] for key in logged}}
         self.callback = callback
+        self.total = int(total)
         self.clock = Stopwatch()
         self.bar = tqdm(total=total, desc=name + (" + DiffStateGrad" if projector is not None else ""), disable=not progress, leave=False)
 
@@ -154,16 +166,20 @@ class SolveRun:
     def failed(self) -> torch.Tensor:
         return self.tracker.failed
 
-    def step(self, i: int, state: torch.Tensor, residual: torch.Tensor, rank=None, **info) -> torch.Tensor:
-        """Record step ``i`` (after its update): check for failures, log, call back, advance the
-        bar. Returns the state with failed samples' slots zeroed."""
+    def step(self, i: int, state: torch.Tensor, residual: torch.Tensor, rank=None, *, x0: torch.Tensor, t=None, sigma=None,
+             **info) -> torch.Tensor:
+        """Record step ``i`` (after its update): check for failures, log, call back (with the
+        keys of ``CALLBACK_KEYS``), advance the bar. Returns the state with failed samples'
+        slots zeroed."""
         state = self.tracker.update(i, state, residual)
         self.history["residual"].append(residual.detach().cpu())
         self.history["rank"].append(rank)
         for key in self.history.keys() - {"residual", "rank"}:
             self.history[key].append(info.get(key))
         if self.callback is not None:
-            self.callback({"step": i, "x": state, "residual": residual, "rank": rank, **info})
+            self.callback({"step": i, "steps": self.total, "t": None if t is None else int(t),
+                           "sigma": None if sigma is None else float(sigma), "x": state, "x0": x0, "residual": residual,
+                           "rank": rank, "info": info})
         self.bar.set_postfix(residual=f"{float(residual.mean()):.4g}", failed=int(self.tracker.failed.sum()))
         self.bar.update()
         return state

@@ -38,6 +38,7 @@ from diffstategrad.operators.base import Operator
 from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.solvers.base import SolveResult, SolveRun, initial_state, solver_generators
+from diffstategrad.solvers.registry import register_solver
 
 __all__ = ["daps", "latent_daps", "edm_sigmas"]
 
@@ -136,7 +137,8 @@ def _daps(
         x = x0 + sigma_next * gens.randn_like(x0) if sigma_next > 0 else x0
         with torch.no_grad():
             residual = data_loss(x0).sqrt()
-        x = run.step(i, x, residual, None if basis is None else basis.ranks, sigma=sigma, x0=x0_hat, x0_y=x0)
+        x = run.step(i, x, residual, None if basis is None else basis.ranks, x0=x0_hat, t=int(prior.nearest_timestep(sigma)),
+                     sigma=sigma, x0_y=x0)
 
     return run.finish(prior, operator, y, x)
 
@@ -214,3 +216,7 @@ def latent_daps(
         ode_sigma_min=ode_sigma_min, rho=rho, mcmc=mcmc, mcmc_steps=mcmc_steps, tau=tau, lr_min_ratio=lr_min_ratio,
         momentum=momentum, x_init=x_init, divergence_factor=divergence_factor, latent=True, clip_x0=False,
     )
+
+
+register_solver("daps", daps, priors=("pixel",), description="DAPS in pixel space (Zhang et al., CVPR 2025)")
+register_solver("latent-daps", latent_daps, priors=("latent",), description="Latent DAPS (Zhang et al., CVPR 2025)")

@@ -25,6 +25,7 @@ from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.schedules import ddim_step, ddpm_posterior, eps_to_x0, timestep_spacing, x0_to_eps
 from diffstategrad.solvers.base import SolveResult, SolveRun, initial_state, per_sample_residual, solver_generators, step_pairs
+from diffstategrad.solvers.registry import register_solver
 
 __all__ = ["dps"]
 
@@ -73,8 +74,8 @@ def dps(
             priors only).
         seeds: per-sample seeds or SampleGenerators (see ``solver_generators``).
         x_init: initial state x_T (B, C', H', W'); drawn from N(0, I) when None.
-        callback: called after every step with a dict: step, t, x (x_t), x0, residual (B,),
-            rank ((B,) or None), grad_norm (B,).
+        callback: called after every step with the dict of ``base.CALLBACK_KEYS`` (info:
+            grad_norm (B,)).
         progress: show a progress bar with the mean residual.
         divergence_factor: residuals above factor * max(||y||, 1) mark a sample failed.
     """
@@ -129,7 +130,8 @@ def dps(
             rank = basis.ranks
         x = x_prev - guidance_scale * grad  # Alg. 1 l. 7
 
-        x = run.step(i, x, residual, rank, t=t, x0=x0, grad_norm=grad.reshape(B, -1).norm(dim=1))
+        x = run.step(i, x, residual, rank, x0=x0, t=t, sigma=float(((1 - a_t) / a_t).sqrt().flatten()[0]),
+                     grad_norm=grad.reshape(B, -1).norm(dim=1))
 
     return run.finish(prior, operator, y, x)
 
@@ -143,3 +145,6 @@ def _ddpm_variance(kind: str, var_small: torch.Tensor, var_large: torch.Tensor, 
     frac = (v + 1) / 2
     log_small = var_small.clamp(min=1e-20).log()
     return torch.exp(frac * var_large.log() + (1 - frac) * log_small)
+
+
+register_solver("dps", dps, priors=("pixel", "latent"), description="Diffusion Posterior Sampling (Chung et al., ICLR 2023)")

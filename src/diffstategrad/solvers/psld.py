@@ -35,6 +35,7 @@ from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.schedules import ddim_step, eps_to_x0, timestep_spacing
 from diffstategrad.solvers.base import SolveResult, SolveRun, initial_state, per_sample_residual, solver_generators, step_pairs
+from diffstategrad.solvers.registry import register_solver
 
 __all__ = ["psld"]
 
@@ -96,6 +97,9 @@ def psld(
             rank = basis.ranks
         z = z_prev - grad
 
-        z = run.step(i, z, residual, rank, t=t, x0=z0)
+        z = run.step(i, z, residual, rank, x0=z0, t=t, sigma=float(((1 - a_t) / a_t).sqrt().flatten()[0]))
 
     return run.finish(prior, operator, y, z)
+
+
+register_solver("psld", psld, priors=("latent",), description="PSLD (Rout et al., NeurIPS 2023)")

@@ -47,6 +47,7 @@ from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad, StateBasis
 from diffstategrad.schedules import eps_to_x0, timestep_spacing
 from diffstategrad.solvers.base import SolveResult, SolveRun, initial_state, per_sample_residual, solver_generators
+from diffstategrad.solvers.registry import register_solver
 
 __all__ = ["ReSampleConfig", "REFERENCE", "DEFAULT", "resample", "hdc_stage", "resample_gamma", "stochastic_resample"]
 
@@ -239,9 +240,13 @@ def resample(
             z = stochastic_resample(z0_star, x_t, a_p, gamma, gens.randn_like(z))
             rank = None if basis is None else basis.ranks
 
-        z = run.step(i, z, residual, rank, t=t, x0=z0.detach(), hdc=stage)
+        a_i = float(abar(index))
+        z = run.step(i, z, residual, rank, x0=z0.detach(), t=t, sigma=((1 - a_i) / a_i) ** 0.5, hdc=stage)
 
     if cfg.final_optimization:
         z = _optimize(z, latent_loss, cfg.latent_lr * guidance_scale, cfg.latent_iters, cfg, projector, basis_of(z), early_stop=True)
         z = run.tracker.update(N, z, per_sample_residual(y, operator(prior.decode(z))).detach())
     return run.finish(prior, operator, y, z)
+
+
+register_solver("resample", resample, priors=("latent",), description="ReSample (Song et al., ICLR 2024)")

@@ -25,7 +25,7 @@ from diffstategrad.schedules import make_schedule
 def tiny_model(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny") / "pixel"
-    save_converted(BuiltinPixelPrior(TINY_UNET_CONFIG, make_schedule("linear"), info={"crop": 64}), folder)
+    save_converted(BuiltinPixelPrior(TINY_UNET_CONFIG, make_schedule("linear"), info={"crop": 64}, preconditioning={"kind": "edm"}), folder)
     return str(folder)
 
 
@@ -98,7 +98,7 @@ def test_evaluate_grid_summary_and_figures(tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 3 * 2 * 1 * 2 * 2 * 2  # images x tasks x solvers x scales x seeds x projector
-    for key in ("image", "task", "solver", "diffstategrad", "guidance_scale", "seed", "psnr", "ssim", "lpips", "failed", "seconds"):
+    for key in ("image", "task", "solver", "diffstategrad", "guidance_multiplier", "guidance_scale", "seed", "psnr", "ssim", "lpips", "failed", "seconds"):
         assert key in records[0]
     assert (out / "summary.csv").is_file() and "| box_inpainting | dps |" in (out / "summary.md").read_text()
     for name in ("robustness_psnr.png", "image_grid.png"):
@@ -128,10 +128,10 @@ def test_evaluate_survives_being_killed(tiny_model, tmp_path):
     with open(records, "a") as f:  # and a record torn in half by the kill
         f.write('{"image": "chelsea", "task": "hd')
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode in (0, 3), r.stderr  # 3: some of the tiny random model's 15-step results are worse than grey
     assert "resuming" in r.stderr
     lines = records.read_text().splitlines()
-    keys = [(d["image"], d["task"], d["solver"], d["diffstategrad"], d["guidance_scale"], d["seed"]) for d in map(json.loads, lines)]
+    keys = [(d["image"], d["task"], d["solver"], d["diffstategrad"], d["guidance_multiplier"], d["seed"]) for d in map(json.loads, lines)]
     assert len(keys) == 48 and len(set(keys)) == 48
 
 

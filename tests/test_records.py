@@ -3,7 +3,7 @@ import json
 import pytest
 
 from diffstategrad.evaluate import item_key, make_grid, robustness_figure, summarize, write_summary
-from diffstategrad.records import RecordStore
+from diffstategrad.records import FolderInUseError, FolderLock, RecordStore, guidance_multiplier
 
 
 def _rec(image="a", task="hdr", solver="dps", dsg=False, scale=1.0, seed=0, psnr=20.0, failed=False):
@@ -46,8 +46,38 @@ def test_summary_statistics_and_files(tmp_path):
     assert base["n"] == 3 and base["psnr_mean"] == pytest.approx(18.0) and base["psnr_worst"] == 12.0
     assert base["failure_rate"] == pytest.approx(1 / 3) and base["lpips_worst"] == 0.3
     write_summary(rows, tmp_path)
-    assert (tmp_path / "summary.csv").read_text().startswith("task,solver,diffstategrad,guidance_scale,n,")
+    assert (tmp_path / "summary.csv").read_text().startswith("task,solver,diffstategrad,guidance_multiplier,n,")
     md = (tmp_path / "summary.md").read_text()
     assert "18.00 +- " in md and "33%" in md
     robustness_figure(rows, tmp_path / "robustness_psnr.png")
     assert (tmp_path / "robustness_psnr.png").stat().st_size > 1000
+
+
+def test_legacy_records_keep_their_keys():
+    """Records written before the rename kept the multiplier under guidance_scale."""
+    legacy = _rec(scale=2.0)
+    new = {**_rec(), "guidance_multiplier": 2.0, "guidance_scale": 0.6}
+    assert guidance_multiplier(legacy) == guidance_multiplier(new) == 2.0
+    assert item_key(legacy) == item_key(new)
+
+
+def test_fifth_percentile_and_classical_items():
+    records = [_rec(seed=s, psnr=float(s)) for s in range(21)]
+    (row,) = summarize(records)
+    assert row["psnr_p05"] == pytest.approx(1.0) and row["lpips_p05"] == pytest.approx(0.3)
+    items = make_grid(["a"], ["hdr"], ["tv", "dps"], [0.5, 1.0], [0])
+    assert sum(it.solver == "tv" for it in items) == 1  # no guidance, no projector to vary
+    assert sum(it.solver == "dps" for it in items) == 4
+
+
+def test_folder_lock_names_the_holder(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    with FolderLock(tmp_path):
+        code = ("import sys; from diffstategrad.records import FolderLock, FolderInUseError\n"
+                "try:\n FolderLock(sys.argv[1]).acquire()\nexcept FolderInUseError as e:\n print(e); sys.exit(7)")
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+        assert r.returncode == 7 and f"pid {os.getpid()}" in r.stdout
+    FolderLock(tmp_path).acquire().release()  # free again once released

@@ -1,18 +1,29 @@
 """The ``diffstategrad`` command line.
 
-The CLI reads files, parses options and prints; it never does the math itself (DESIGN.md).
-Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback.
+The CLI parses options and prints; the work is done by ``pipeline`` (the solve job, shared with
+``evaluate`` and ``serve``) and ``evaluate`` (the grid and its records). Errors a user can cause
+end in one line on stderr and a non-zero exit, never a traceback.
+
+Exit codes: 0 everything succeeded; 1 an error (bad input, nothing was run or written);
+3 the command ran but some solves failed (diverged: see ``solvers/base.py``), their results
+are written and marked failed; 130 interrupted (an evaluation keeps its records and resumes).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
 import signal
 import threading
+from dataclasses import fields
 
 import click
 
 from diffstategrad import __version__
+
+EXIT_SOME_FAILED = 3
 
 
 class UserError(click.ClickException):
@@ -22,7 +33,195 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True, file=file)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Option types: numbers must be finite (and positive where a step size is asked for)
+# ---------------------------------------------------------------------------------------------
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float, optionally > 0."""
+
+    def __init__(self, positive: bool = False):
+        self.positive = positive
+        self.name = "positive number" if positive else "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) and math.isfinite(value) and (value > 0 or not self.positive):
+            return value
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.positive and v <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return v
+
+
+class NumberList(click.ParamType):
+    """Comma-separated numbers (finite; positive for step sizes; integers for seeds)."""
+
+    def __init__(self, cast=float, positive: bool = False):
+        self.cast, self.positive = cast, positive
+        self.name = "list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            self.fail("is empty", param, ctx)
+        out = []
+        for item in items:
+            try:
+                v = self.cast(item)
+            except ValueError:
+                self.fail(f"takes comma-separated {'integers' if self.cast is int else 'numbers'}, got {item!r}", param, ctx)
+            if self.cast is float and not math.isfinite(v):
+                self.fail(f"{item!r} is not a finite number", param, ctx)
+            if self.positive and v <= 0:
+                self.fail(f"{item!r} must be positive", param, ctx)
+            out.append(v)
+        return out
+
+
+POSITIVE = FiniteFloat(positive=True)
+
+
+def _names(text: str, option: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise UserError(f"{option} is empty")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# The projector's options, built from the DiffStateGrad dataclass itself
+# ---------------------------------------------------------------------------------------------
+
+
+def _docstring_args(doc: str) -> dict[str, str]:
+    """name -> first sentence of its entry in a Google-style ``Args:`` section."""
+    out, current = {}, None
+    section = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    for line in section.splitlines():
+        m = re.match(r"^\s{8}(\w+): (.*)", line)
+        if m:
+            current = m.group(1)
+            out[current] = m.group(2)
+        elif current and line.startswith(" " * 12):
+            out[current] += " " + line.strip()
+        elif line.strip() and not line.startswith(" " * 8):
+            break
+    return {k: re.split(r"(?<=[.)])\s", v.replace("``", ""), maxsplit=1)[0].rstrip(".") for k, v in out.items()}
+
+
+def projector_options(command):
+    """Add one CLI option per field of :class:`~diffstategrad.projection.DiffStateGrad` (name,
+    default and help from the class itself) and hand the command a ready ``projector``."""
+    from diffstategrad import projection
+
+    cls = projection.DiffStateGrad
+    helps = _docstring_args(cls.__doc__ or "")
+    choices = {"rank_rule": projection.RANK_RULES, "svd": getattr(projection, "SVD_BACKENDS", ("full", "randomized"))}
+    specs = [f for f in fields(cls) if f.init and f.repr]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        config = {f.name: kwargs.pop(f"projector_{f.name}") for f in specs}
+        try:
+            projector = cls(**config)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"DiffStateGrad: {_one_line(exc)}") from None
+        return command(projector=projector, **kwargs)
+
+    for f in reversed(specs):
+        default = f.default
+        if f.name in choices:
+            kind = click.Choice(list(choices[f.name]))
+        elif isinstance(default, bool):
+            kind = bool
+        elif isinstance(default, int) or f.name == "rank":
+            kind = click.IntRange(0)
+        else:
+            kind = FiniteFloat(positive=True)
+        help_text = "DiffStateGrad: " + helps.get(f.name, f.name.replace("_", " ")) + "."
+        wrapper = click.option(f"--{f.name.replace('_', '-')}", f"projector_{f.name}", type=kind, default=default,
+                               show_default=default is not None, help=help_text)(wrapper)
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_out(out: str, *, overwrite: bool = False, resume: bool = False):
+    """The output folder as a Path, after checking (without creating anything) that it can be
+    used: not a file, writable, and (for ``solve``) empty unless ``overwrite``."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a folder; give a folder path")
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        raise UserError(f"output folder {path} exists and is not empty; pass --overwrite to replace its files")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create {path}: {existing} is a file")
+    try:  # the real test (os.access says yes to root, and knows nothing of read-only mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=".diffstategrad-probe-", dir=existing))
+    except OSError as exc:
+        raise UserError(f"cannot write to {path}: {exc.strerror or exc} ({existing})") from None
+    return path
+
+
+def _make_out(path):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {path}: {exc.strerror or exc}") from None
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The command group, demo, tasks
+# ---------------------------------------------------------------------------------------------
+
+
+class _Group(click.Group):
+    """A command group whose every error, bad options included, is one line and exit code 1."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            raise SystemExit(1) from None
+        except click.ClickException as exc:
+            exc.show()
+            raise SystemExit(1) from None
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            raise SystemExit(1) from None
+        except click.exceptions.Exit as exc:
+            raise SystemExit(exc.exit_code) from None
+        raise SystemExit(0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="diffstategrad")
 def main():
     """DiffStateGrad: diffusion-prior solvers for imaging inverse problems, with the
@@ -31,22 +230,26 @@ def main():
     \b
     Examples:
       diffstategrad solve --task box_inpainting --compare --out runs/box
-      diffstategrad evaluate --tasks box_inpainting,super_resolution --solvers dps,daps \\
-          --guidance-scales 0.5,1,2,4 --seeds 0,1 --out runs/eval
+      diffstategrad evaluate --tasks box_inpainting,super_resolution --solvers tv,dps,daps \\
+          --guidance-multipliers 0.5,1,2,4 --seeds 0,1 --out runs/eval
       diffstategrad models                # the built-in models
       diffstategrad demo                  # DPS with and without DiffStateGrad on a known prior
       diffstategrad tasks                 # the eight task presets and their parameters
-      diffstategrad tasks --json          # the same, machine-readable
+
+    \b
+    Exit codes: 0 success, 1 error, 3 some solves failed (results written, marked failed),
+    130 interrupted.
     """
 
 
 @main.command("demo")
-@click.option("--guidance-scales", default="0.3,1,3,10", show_default=True, help="Comma-separated DPS step sizes zeta.")
+@click.option("--guidance-scales", default="0.3,1,3,10", show_default=True, type=NumberList(float, positive=True),
+              help="Comma-separated DPS step sizes zeta.")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(1, 1000), help="DPS steps.")
 @click.option("--samples", default=8, show_default=True, type=click.IntRange(1, 256), help="Images per configuration.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the images, the noise and the solver.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
-def demo_command(guidance_scales: str, steps: int, samples: int, seed: int, as_json: bool):
+def demo_command(guidance_scales: list, steps: int, samples: int, seed: int, as_json: bool):
     """DPS with and without DiffStateGrad on a low-rank Gaussian prior with an exact denoiser.
 
     Half of the pixels of 3x16x16 images from a known low-rank "manifold" are observed with
@@ -55,24 +258,13 @@ def demo_command(guidance_scales: str, steps: int, samples: int, seed: int, as_j
     """
     from diffstategrad.demo import low_rank_demo
 
-    scales = _float_list(guidance_scales, "--guidance-scales")
-    records = low_rank_demo(scales, steps=steps, samples=samples, seed=seed)
+    records = low_rank_demo(guidance_scales, steps=steps, samples=samples, seed=seed)
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
     click.echo(f"{'zeta':>6}  {'DiffStateGrad':<13} {'error':>8} {'off-manifold':>13} {'residual':>9}")
     for r in records:
         click.echo(f"{r['guidance_scale']:>6g}  {r['diffstategrad']:<13} {r['error']:>8.3f} {r['off_manifold']:>13.3f} {r['residual']:>9.3f}")
-
-
-def _float_list(text: str, option: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UserError(f"{option} is empty")
-    return values
 
 
 @main.command("tasks")
@@ -104,16 +296,6 @@ def _inline(d: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_out(out: str, overwrite: bool):
-    from pathlib import Path
-
-    path = Path(out).expanduser()
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise UserError(f"output folder {path} exists and is not empty; pass --overwrite to replace its files")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _load_input_image(image: str | None, size: int, channels: int):
     """(tensor, label, notes) for a file path or a bundled example name (None = the default)."""
     from pathlib import Path
@@ -126,107 +308,9 @@ def _load_input_image(image: str | None, size: int, channels: int):
         path, label = Path(image).expanduser(), str(Path(image).expanduser())
     try:
         loaded = load_image(path, size, channels=channels)
-    except (FileNotFoundError, ImageError) as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError, ImageError) as exc:
+        raise UserError(_one_line(exc)) from None
     return loaded.image, label, list(loaded.notes)
-
-
-@main.command("solve")
-@click.option("--task", required=True, help="Task preset (see `diffstategrad tasks`).")
-@click.option("--solver", default="dps", show_default=True, help="dps, psld, resample, daps or latent-daps.")
-@click.option("--image", default=None, help="An image file or a bundled example name (default: the first example).")
-@click.option("--model", default=None, help="A built-in model name or a converted model folder (default: the built-in model the solver needs).")
-@click.option("--no-diffstategrad", "no_dsg", is_flag=True, help="Run the solver without the projector.")
-@click.option("--compare", is_flag=True, help="Run with and without DiffStateGrad and write a comparison figure.")
-@click.option("--steps", type=click.IntRange(1, 100000), default=None, help="Solver steps (default: the preset's).")
-@click.option("--guidance-scale", type=float, default=None, help="The solver's guidance step (default: the preset's; see docs/solvers).")
-@click.option("--var-cutoff", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True, help="DiffStateGrad variance cutoff tau.")
-@click.option("--period", type=click.IntRange(0), default=1, show_default=True, help="DiffStateGrad period F (0 disables).")
-@click.option("--rank-rule", type=click.Choice(["reference", "per_channel"]), default="reference", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--size", type=click.IntRange(8, 4096), default=None, help="Image side in pixels (default: 64 for built-in pixel models, 128 for latent).")
-@click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE", help="Override a preset field, e.g. noise.sigma=0.05 (repeatable).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--out", default=None, help="Output folder (default: runs/solve-TASK-SOLVER).")
-@click.option("--overwrite", is_flag=True, help="Replace the files of an existing output folder.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_scale, var_cutoff, period, rank_rule, seed, size, task_options, device, out, overwrite, quiet):
-    """Solve one inverse problem and write images, metrics and the resolved configuration.
-
-    \b
-    Outputs in --out: ground_truth.png, measurement.png, reconstruction.png, metrics.json,
-    config.yaml; with --compare also reconstruction_baseline.png and comparison.png.
-    """
-    import yaml
-
-    from diffstategrad import DiffStateGrad
-    from diffstategrad.images import comparison_figure, save_image
-    from diffstategrad.metrics import get_lpips
-    from diffstategrad.operators import load_task
-    from diffstategrad.pipeline import LATENT_SOLVERS, PipelineError, defaults_profile, measurement_image, resolve_device, resolve_model, run_case, solver_kwargs
-
-    if no_dsg and compare:
-        raise UserError("--no-diffstategrad and --compare exclude each other")
-    overrides = _parse_options(task_options)
-    try:
-        dev = resolve_device(device)
-        preset = load_task(task, overrides or None)
-        prior, model_label = resolve_model(model, solver, dev)
-        kwargs = solver_kwargs(solver, task, steps=steps, guidance_scale=guidance_scale, profile=defaults_profile(model_label))
-    except (PipelineError, ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
-    size = size or (128 if solver in LATENT_SOLVERS else 64)
-    try:
-        prior.check_size(*prior.state_shape((3, size, size))[1:])
-    except ValueError as exc:
-        raise UserError(f"--size {size}: {exc}; the model accepts {prior.size_rule()}") from None
-    out_dir = _prepare_out(out or f"runs/solve-{task}-{solver}", overwrite)
-    x, image_label, notes = _load_input_image(image, size, channels=3)
-    for note in notes:
-        click.echo(f"note: {note}", err=True)
-    x = x.to(dev)
-    try:
-        problem = preset.build(tuple(x.shape[1:]), seeds=[seed], device=dev)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
-    y = problem.measure(x, seeds=[seed])
-    lpips = get_lpips("vgg", device=dev)
-    projector = DiffStateGrad(var_cutoff=var_cutoff, period=period, rank_rule=rank_rule)
-    runs = {}
-    if compare or no_dsg:
-        runs["baseline"] = run_case(prior, problem, x, y, solver, kwargs, None, seed, lpips, progress=not quiet)
-    if not no_dsg:
-        runs["diffstategrad"] = run_case(prior, problem, x, y, solver, kwargs, projector, seed, lpips, progress=not quiet)
-    main_run = runs.get("diffstategrad") or runs["baseline"]
-
-    shown = measurement_image(problem.operator, y, x.shape)
-    save_image(x.cpu(), out_dir / "ground_truth.png")
-    save_image(shown.cpu(), out_dir / "measurement.png")
-    save_image(main_run.result.x.cpu(), out_dir / "reconstruction.png")
-    if compare:
-        save_image(runs["baseline"].result.x.cpu(), out_dir / "reconstruction_baseline.png")
-        label = lambda name, m: f"{name}  PSNR {m['psnr']:.2f} / SSIM {m['ssim']:.3f} / LPIPS {m['lpips']:.3f}"  # noqa: E731
-        comparison_figure(
-            [("ground truth", x.cpu()), (f"measurement ({task})", shown.cpu()),
-             (label("without DiffStateGrad", runs["baseline"].metrics), runs["baseline"].result.x.cpu()),
-             (label("with DiffStateGrad", runs["diffstategrad"].metrics), runs["diffstategrad"].result.x.cpu())],
-            out_dir / "comparison.png",
-            panel_height=max(256, int(x.shape[-2])),
-        )
-    metrics = dict(main_run.metrics)
-    metrics.update({name: run.metrics for name, run in runs.items()})
-    _write_json(out_dir / "metrics.json", metrics)
-    config = {
-        "task": preset.to_dict(), "task_parameters_at_size": _plain(problem.params), "solver": solver, "solver_kwargs": _plain(kwargs),
-        "diffstategrad": None if no_dsg else projector.to_dict(), "compare": compare, "model": model_label,
-        "model_info": getattr(prior, "info", {}), "image": image_label, "image_notes": notes, "size": size, "seed": seed,
-        "device": str(dev), "versions": _versions(),
-    }
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    for name, run in runs.items():
-        m = run.metrics
-        click.echo(f"{name:>14}: PSNR {m['psnr']:.2f}  SSIM {m['ssim']:.3f}  LPIPS {m['lpips']:.3f}  {m['seconds']:.1f} s" + ("  FAILED" if m["failed"] else ""))
-    click.echo(f"wrote {out_dir}")
 
 
 def _parse_options(options) -> dict:
@@ -239,35 +323,10 @@ def _parse_options(options) -> dict:
     return out
 
 
-def _plain(obj):
-    """JSON/YAML-safe copy (tuples to lists, tensors and numpy values to Python numbers)."""
-    import numpy as np
-    import torch
+def _solver_help() -> str:
+    from diffstategrad.solvers import solver_names
 
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _write_json(path, data) -> None:
-    import math
-
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        return v
-
-    from diffstategrad.records import atomic_write_text
-
-    atomic_write_text(path, json.dumps(clean(_plain(data)), indent=2) + "\n")
+    return ", ".join(solver_names())
 
 
 def _versions() -> dict:
@@ -278,43 +337,121 @@ def _versions() -> dict:
     return {"diffstategrad": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
+@main.command("solve")
+@click.option("--task", required=True, help="Task preset (see `diffstategrad tasks`).")
+@click.option("--solver", default="dps", show_default=True, help="The solver (see docs/solvers): " + _solver_help() + ".")
+@click.option("--image", default=None, help="An image file or a bundled example name (default: the first example).")
+@click.option("--model", default=None, help="A built-in model name or a converted model folder (default: the built-in model the solver needs).")
+@click.option("--no-diffstategrad", "no_dsg", is_flag=True, help="Run the solver without the projector.")
+@click.option("--compare", is_flag=True, help="Run with and without DiffStateGrad and write a comparison figure.")
+@click.option("--steps", type=click.IntRange(1, 100000), default=None, help="Solver steps (default: the preset's).")
+@click.option("--guidance-scale", type=POSITIVE, default=None, help="The solver's guidance step, absolute (default: the preset's; see docs/solvers).")
+@click.option("--samples", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Posterior samples drawn (in one batch); with more than one, their mean and per-pixel std are written and scored too.")
+@projector_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mask / kernel, the measurement noise and the solver's draws.")
+@click.option("--size", type=click.IntRange(8, 4096), default=None, help="Image side in pixels (default: 64 for built-in pixel models, 128 for latent).")
+@click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE", help="Override a preset field, e.g. noise.sigma=0.05 (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--out", default=None, help="Output folder (default: runs/solve-TASK-SOLVER).")
+@click.option("--overwrite", is_flag=True, help="Replace the files of an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_scale, samples, projector, seed, size, task_options,
+                  device, out, overwrite, quiet):
+    """Solve one inverse problem and write images, metrics and the resolved configuration.
+
+    \b
+    Outputs in --out: ground_truth.png, measurement.png, reconstruction.png, metrics.json,
+    config.yaml; with --compare also reconstruction_baseline.png and comparison.png; with
+    --samples N > 1 also posterior_mean*.png and posterior_std*.png.
+    Exit code 3 when a solve failed (diverged); its outputs are still written.
+    """
+    from diffstategrad.metrics import get_lpips
+    from diffstategrad.operators import load_task
+    from diffstategrad.pipeline import Job, PipelineError, default_size, defaults_profile, failed_any, resolve_device, resolve_model, \
+        solve_image, write_solve_outputs
+    from diffstategrad.solvers import solver_spec
+
+    if no_dsg and compare:
+        raise UserError("--no-diffstategrad and --compare exclude each other")
+    overrides = _parse_options(task_options)
+    out_dir = _check_out(out or f"runs/solve-{task}-{solver}", overwrite=overwrite)
+    try:
+        dev = resolve_device(device)
+        preset = load_task(task, overrides or None)
+        spec = solver_spec(solver)
+        prior, model_label = resolve_model(model, solver, dev)
+        job = Job(task, solver, steps=steps, guidance_scale=guidance_scale, samples=samples, task_overrides=overrides or None,
+                  profile=defaults_profile(model_label))
+        job.kwargs()
+    except (PipelineError, ValueError, FileNotFoundError) as exc:
+        raise UserError(_one_line(exc)) from None
+    if not spec.needs_prior:
+        no_dsg, compare = True, False  # a classical solver has no guidance gradient to project
+    size = size or default_size(prior)
+    channels = 3 if prior is None else (prior.image_channels if prior.kind == "latent" else prior.channels)
+    if prior is not None:
+        try:
+            prior.check_size(*prior.state_shape((channels, size, size))[1:])
+        except ValueError as exc:
+            raise UserError(f"--size {size}: {exc}; the model accepts {prior.size_rule()}") from None
+    x, image_label, notes = _load_input_image(image, size, channels=channels)
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+    x = x.to(dev)
+    try:
+        preset.build(tuple(x.shape[1:]), seeds=[seed], device=dev)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(_one_line(exc)) from None
+    variants = {}
+    if compare or no_dsg:
+        variants["baseline"] = None
+    if not no_dsg:
+        variants["diffstategrad"] = projector
+    runs = solve_image(prior, job, x, seed, variants, lpips=get_lpips("vgg", device=dev), progress=not quiet)
+    config = {"task": preset.to_dict(), "solver": solver, "diffstategrad": None if no_dsg else projector.to_dict(), "compare": compare,
+              "model": model_label, "model_info": getattr(prior, "info", {}), "image": image_label, "image_notes": notes, "size": size,
+              "seed": seed, "device": str(dev), "versions": _versions()}
+    write_solve_outputs(_make_out(out_dir), x, runs, job, config)
+    for name, run in runs.items():
+        m = run.metrics[0]
+        lp = f"  LPIPS {m['lpips']:.3f}" if m.get("lpips") is not None else ""
+        line = f"{name:>14}: PSNR {m['psnr']:.2f}  SSIM {m['ssim']:.3f}{lp}  {m['seconds']:.1f} s"
+        if samples > 1:
+            line += f"  | mean of {samples}: PSNR {m['mean_psnr']:.2f}  SSIM {m['mean_ssim']:.3f}  LPIPS {m['mean_lpips']:.3f}"
+        click.echo(line + ("  FAILED (diverged)" if m["failed_samples"] else ""))
+    click.echo(f"wrote {out_dir}")
+    if any(failed_any(run) for run in runs.values()):
+        raise SystemExit(EXIT_SOME_FAILED)
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluate
 # ---------------------------------------------------------------------------------------------
 
 
-def _csv(text: str, option: str, cast=str) -> list:
-    try:
-        values = [cast(v.strip()) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{option} takes a comma-separated list, got {text!r}") from None
-    if not values:
-        raise UserError(f"{option} is empty")
-    return values
-
-
-def _image_set(images: str | None, size: int) -> dict[str, str]:
-    """name -> file for a folder of images, a single file, or a built-in set:
-    ``examples`` (the bundled photographs) or ``heldout`` (the held-out photographs of the
-    built-in models' training data, from the prepared data folder)."""
+def _image_set(images: str | None) -> dict[str, str]:
+    """name -> file for a folder of images, a single file, or a built-in set: ``examples`` (the
+    bundled photographs), ``heldout`` / ``tune`` (the held-out / tuning photographs of the
+    prepared data folder) or ``fashion-test`` (held-out Fashion-MNIST test images)."""
     from pathlib import Path
 
     from diffstategrad.images import example_path, list_examples
 
     if images in (None, "examples"):
         return {name: str(example_path(name)) for name in list_examples()}
-    if images == "heldout":
+    if images in ("heldout", "tune"):
         from diffstategrad.data import default_data_dir
 
-        folder = default_data_dir() / "val"
+        folder = default_data_dir() / ("val" if images == "heldout" else "tune")
         if not folder.is_dir():
-            raise UserError(f"the held-out set needs the prepared data ({folder} is missing): run `python -m diffstategrad.data build`")
+            raise UserError(f"--images {images} needs the prepared data ({folder} is missing): run `python -m diffstategrad.data build`")
         images = str(folder)
     path = Path(images).expanduser()
     if path.is_file():
         return {path.stem: str(path)}
     if not path.is_dir():
-        raise UserError(f"--images {images}: no such folder or file (or use 'examples' / 'heldout')")
+        raise UserError(f"--images {images}: no such folder or file (or use 'examples', 'heldout' or 'tune')")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"))
     if not files:
         raise UserError(f"--images {images}: the folder holds no images")
@@ -327,68 +464,66 @@ def _terminate_as_interrupt(signum, frame):
 
 
 @main.command("evaluate")
-@click.option("--images", default="examples", show_default=True, help="A folder of images, one image, 'examples' or 'heldout'.")
+@click.option("--images", default="examples", show_default=True, help="A folder of images, one image, or 'examples', 'heldout', 'tune'.")
 @click.option("--tasks", required=True, help="Comma-separated task presets.")
-@click.option("--solvers", default="dps", show_default=True, help="Comma-separated solvers.")
-@click.option("--guidance-scales", default="1", show_default=True, help="Comma-separated multiples of each solver's preset guidance (1 = the default).")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
+@click.option("--solvers", default="dps", show_default=True, help="Comma-separated solvers: " + _solver_help() + ".")
+@click.option("--guidance-multipliers", "--guidance-scales", "guidance_multipliers", default="1", show_default=True,
+              type=NumberList(float, positive=True),
+              help="Comma-separated multiples of each solver's default guidance (1 = the default; --guidance-scales is the old name).")
+@click.option("--seeds", default="0", show_default=True, type=NumberList(int), help="Comma-separated seeds (mask / kernel, noise and solver draws).")
+@click.option("--samples", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Posterior samples per item; with more than one, the records score their mean too.")
 @click.option("--size", type=click.IntRange(8, 4096), default=64, show_default=True, help="Image side in pixels.")
 @click.option("--steps", type=click.IntRange(1, 100000), default=None, help="Solver steps (default: each preset's).")
 @click.option("--model", default=None, help="Pixel model for pixel solvers (built-in name or converted folder).")
-@click.option("--latent-model", default=None, help="Latent model for latent solvers.")
-@click.option("--var-cutoff", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True)
-@click.option("--period", type=click.IntRange(0), default=1, show_default=True)
-@click.option("--rank-rule", type=click.Choice(["reference", "per_channel"]), default="reference", show_default=True)
-@click.option("--diffstategrad", "dsg_mode", type=click.Choice(["both", "with", "without"]), default="both", show_default=True, help="Run each item with and/or without the projector.")
+@click.option("--latent-model", default=None, help="Latent model for latent solvers (built-in name or converted folder).")
+@projector_options
+@click.option("--diffstategrad", "dsg_mode", type=click.Choice(["both", "with", "without"]), default="both", show_default=True,
+              help="Run each item with and/or without the projector.")
+@click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE", help="Override a preset field for every task, e.g. noise.sigma=0.05.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True, help="Images solved together in one solver call (results do not depend on it).")
 @click.option("--lpips", "lpips_net", type=click.Choice(["vgg", "alex", "none"]), default="vgg", show_default=True, help="LPIPS backbone (none: PSNR and SSIM only).")
 @click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True, help="Local worker processes.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Torch threads per worker.")
 @click.option("--ray", "ray_address", default=None, help="Send the items to a Ray cluster at this address ('local' starts one here).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--out", required=True, help="Output folder (re-running the same command resumes it).")
-@click.option("--quiet", is_flag=True)
-def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps, model, latent_model, var_cutoff, period, rank_rule, dsg_mode, batch, lpips_net, workers, threads, ray_address, device, out, quiet):
-    """Run tasks x solvers x {without, with DiffStateGrad} x guidance scales x seeds over a set of
-    images; write records.jsonl (one line per item, resumable), summary.csv, summary.md and the
-    robustness figures."""
-    from pathlib import Path
-
-    from diffstategrad.evaluate import item_key, make_grid, robustness_figure, run_items, summarize, write_summary
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, samples, size, steps, model, latent_model, projector, dsg_mode,
+                     task_options, batch, lpips_net, workers, threads, ray_address, device, out, quiet):
+    """Run tasks x solvers x {without, with DiffStateGrad} x guidance multipliers x seeds over a
+    set of images; write records.jsonl (one line per item, resumable), summary.csv, summary.md
+    and the robustness figures. Classical solvers (tv, pseudo-inverse) run once per image and
+    seed. Exit code 3 when some items failed (they are recorded, marked failed)."""
+    from diffstategrad.evaluate import EvaluationSettingsError, make_grid, open_evaluation, robustness_figure, run_items, summarize, \
+        write_summary
     from diffstategrad.operators import list_tasks
-    from diffstategrad.pipeline import evaluate_items
-    from diffstategrad.records import RecordStore, atomic_write_text
-    from diffstategrad.solvers import SOLVERS
+    from diffstategrad.pipeline import EvalContext, PipelineError, evaluate_items, resolve_device
+    from diffstategrad.records import FolderInUseError, item_key
+    from diffstategrad.solvers import solver_names
 
-    task_list, solver_list = _csv(tasks, "--tasks"), _csv(solvers, "--solvers")
+    task_list, solver_list = _names(tasks, "--tasks"), _names(solvers, "--solvers")
     for t in task_list:
         if t not in list_tasks():
             raise UserError(f"unknown task {t!r}; choose from {', '.join(list_tasks())}")
     for s_ in solver_list:
-        if s_ not in SOLVERS:
-            raise UserError(f"unknown solver {s_!r}; choose from {', '.join(sorted(SOLVERS))}")
-    scales = _csv(guidance_scales, "--guidance-scales", float)
-    seed_list = _csv(seeds, "--seeds", int)
-    image_files = _image_set(images, size)
-    out_dir = Path(out).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    context = {
-        "images": image_files, "solvers": solver_list, "size": size, "steps": steps, "device": device, "threads": threads,
-        "models": {"pixel": model, "latent": latent_model}, "out": str(out_dir),
-        "projector": {"var_cutoff": var_cutoff, "period": period, "rank_rule": rank_rule}, "lpips": lpips_net,
-    }
-    # a resumed run must be the same experiment: refuse silently mixing settings
-    settings_path = out_dir / "evaluate.json"
-    settings = {k: v for k, v in context.items() if k not in ("threads", "out")}
-    if settings_path.exists():
-        previous = json.loads(settings_path.read_text())
-        changed = sorted(k for k in settings if k != "images" and previous.get(k) != _plain(settings[k]))
-        if changed:
-            raise UserError(f"{out_dir} holds an evaluation with other settings ({', '.join(changed)}); use another --out")
-    atomic_write_text(settings_path, json.dumps(_plain(settings), indent=2))
+        if s_ not in solver_names():
+            raise UserError(f"unknown solver {s_!r}; choose from {', '.join(solver_names())}")
+    try:
+        resolve_device(device)
+    except PipelineError as exc:
+        raise UserError(_one_line(exc)) from None
+    image_files = _image_set(images)
+    out_dir = _check_out(out, resume=True)
+    context = EvalContext(images=image_files, solvers=tuple(solver_list), size=size, out=str(out_dir), steps=steps, samples=samples,
+                          device=device, threads=threads, models={"pixel": model, "latent": latent_model},
+                          projector=projector.to_dict(), lpips=lpips_net, task_overrides=_parse_options(task_options) or None)
+    try:
+        store, lock = open_evaluation(_make_out(out_dir), context.settings())
+    except (FolderInUseError, EvaluationSettingsError) as exc:
+        raise UserError(_one_line(exc)) from None
     projector_modes = {"both": (False, True), "with": (True,), "without": (False,)}[dsg_mode]
-    grid = make_grid(list(image_files), task_list, solver_list, scales, seed_list, projector_modes)
-    store = RecordStore(out_dir / "records.jsonl", item_key)
+    grid = make_grid(list(image_files), task_list, solver_list, guidance_multipliers, seeds, projector_modes)
     done_before = sum(it.key in store for it in grid)
     if done_before:
         click.echo(f"resuming: {done_before} of {len(grid)} items already done", err=True)
@@ -396,12 +531,16 @@ def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps
     try:
         run_items(grid, evaluate_items, context, store, workers=workers, ray_address=ray_address, progress=not quiet, batch=batch)
     except KeyboardInterrupt:
-        click.echo(f"interrupted: {len(store)} records kept in {out_dir / 'records.jsonl'}; re-run the command to resume", err=True)
+        click.echo(f"interrupted: {len(store)} records kept in {store.path}; re-run the command to resume", err=True)
         raise SystemExit(130) from None
+    except (PipelineError, FileNotFoundError) as exc:
+        raise UserError(_one_line(exc)) from None
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
-    records = [r for r in store.values() if item_key(r) in {it.key for it in grid}]
+        lock.release()
+    keys = {it.key for it in grid}
+    records = [r for r in store.values() if item_key(r) in keys]
     rows = summarize(records)
     write_summary(rows, out_dir)
     for metric in ("psnr", "ssim", "lpips"):
@@ -409,21 +548,25 @@ def evaluate_command(images, tasks, solvers, guidance_scales, seeds, size, steps
     _image_grid(records, out_dir)
     click.echo((out_dir / "summary.md").read_text())
     click.echo(f"wrote {out_dir}")
+    failed = sum(bool(r.get("failed")) or bool(r.get("failed_samples")) for r in records)
+    if failed:
+        click.echo(f"{failed} of {len(records)} items failed (diverged); see the failure_rate column", err=True)
+        raise SystemExit(EXIT_SOME_FAILED)
 
 
 def _image_grid(records, out_dir) -> None:
-    """A grid figure: for the first image and seed, each (task, solver) at guidance scale 1,
-    without and with DiffStateGrad."""
+    """A grid figure: for the first image and seed, each (task, solver) at multiplier 1 (or the
+    nearest), without and with DiffStateGrad."""
     from diffstategrad.images import comparison_figure, load_image
-    from diffstategrad.pipeline import reconstruction_path
+    from diffstategrad.records import guidance_multiplier, reconstruction_path
 
     if not records:
         return
     first = sorted(records, key=lambda r: (r["image"], r["seed"]))[0]
-    scale = min({r["guidance_scale"] for r in records}, key=lambda s: abs(s - 1.0))
+    scale = min({guidance_multiplier(r) for r in records}, key=lambda s: abs(s - 1.0))
     panels = []
     for r in sorted(records, key=lambda r: (r["task"], r["solver"], r["diffstategrad"])):
-        if r["image"] != first["image"] or r["seed"] != first["seed"] or r["guidance_scale"] != scale:
+        if r["image"] != first["image"] or r["seed"] != first["seed"] or guidance_multiplier(r) not in (scale, 1.0):
             continue
         path = reconstruction_path(out_dir, r)
         if path.exists():
@@ -441,7 +584,8 @@ def _image_grid(records, out_dir) -> None:
 @main.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (name, kind, parameters, ...); the first pixel and first latent entries are the defaults.")
 def models_command(as_json: bool):
-    """List the built-in models with their size, resolution rule and training summary."""
+    """List the built-in models with their size, resolution rule and training summary; each
+    loads by its name (load_prior("NAME"), --model NAME)."""
     from diffstategrad.priors.builtin import list_builtin
 
     rows = list_builtin()
@@ -452,11 +596,14 @@ def models_command(as_json: bool):
         click.echo("no built-in models are installed")
     defaults = {}
     for r in rows:
-        defaults.setdefault(r["kind"], r["name"])
         info = r["info"]
-        tag = " (default)" if defaults[r["kind"]] == r["name"] else ""
+        if info.get("default", True):
+            defaults.setdefault(r["kind"], r["name"])
+        tag = " (default)" if defaults.get(r["kind"]) == r["name"] else ""
         click.secho(f"{r['name']}{tag}", bold=True)
         click.echo(f"  kind: {r['kind']}, {r['parameters']:,} parameters, {r['size_mb']} MB")
+        if info.get("description"):
+            click.echo(f"  {info['description']}")
         if info.get("size_rule"):
             click.echo(f"  sizes: {info['size_rule']}")
         summary = ", ".join(f"{k.replace('_', ' ')} {info[k]}" for k in ("steps", "images_seen", "wall_time_s", "device", "crop") if k in info)
@@ -464,14 +611,20 @@ def models_command(as_json: bool):
             click.echo(f"  training: {summary}")
 
 
+def _convertible() -> list[str]:
+    from diffstategrad.convert import convertible_formats
+
+    return convertible_formats()
+
+
 @main.command("convert")
-@click.argument("format", type=click.Choice(["guided-diffusion", "compvis-ldm", "diffusers"]))
+@click.argument("format", type=click.Choice(_convertible()))
 @click.argument("checkpoint")
 @click.argument("out_dir")
 @click.option("--preset", default=None, help="guided-diffusion: ffhq256 or imagenet256.")
-@click.option("--config", "config_path", default=None, help="compvis-ldm: the model's YAML config.")
+@click.option("--config", "config_path", default=None, help="compvis-ldm: the model's YAML config (from the CompVis latent-diffusion repository).")
 @click.option("--weights", type=click.Choice(["raw", "ema"]), default=None, help="compvis-ldm: raw (default) or EMA weights.")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace the files of an existing folder.")
 def convert_command(format, checkpoint, out_dir, preset, config_path, weights, overwrite):
     """Convert a checkpoint to a pickle-free folder (model.safetensors + config.json) that
     `--model FOLDER` and load_prior("converted", FOLDER) then load.
@@ -488,7 +641,7 @@ def convert_command(format, checkpoint, out_dir, preset, config_path, weights, o
     try:
         out = convert(format, checkpoint, out_dir, overwrite=overwrite, **kwargs)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
+        raise UserError(_one_line(exc)) from None
     click.echo(f"wrote {out}")
 
 

@@ -3,8 +3,9 @@ seed) items, run sequentially, on local worker processes or on a Ray cluster, wr
 line per item to ``records.jsonl`` (resumable), then aggregated into ``summary.csv`` /
 ``summary.md`` and the robustness figures.
 
-The item runner (``diffstategrad.pipeline.evaluate_item``) is a plain module-level function of
-(item, context) so that every backend runs exactly the same code.
+The item runner (``diffstategrad.pipeline.evaluate_items``) is a plain module-level function of
+(items, context) so that every backend runs exactly the same code. ``open_evaluation`` takes the
+folder's lock, checks that a resumed run is the same experiment and opens the record store.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from diffstategrad.records import RecordStore, atomic_write_text
+from diffstategrad.records import SETTINGS_FILE, RECORDS_FILE, FolderLock, RecordStore, atomic_write_text, batch_key, item_key
 
-__all__ = ["EvalItem", "make_grid", "item_key", "batch_key", "batch_items", "run_items", "summarize", "write_summary", "robustness_figure"]
+__all__ = ["EvalItem", "EvaluationSettingsError", "make_grid", "item_key", "batch_key", "batch_items", "open_evaluation", "run_items",
+           "summarize", "write_summary", "robustness_figure"]
 
 METRICS = ("psnr", "ssim", "lpips")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False}
@@ -38,7 +40,7 @@ class EvalItem:
     task: str
     solver: str
     diffstategrad: bool
-    guidance_scale: float  # a multiple of the solver's preset default (1 = the default)
+    guidance_multiplier: float  # a multiple of the solver's preset default (1 = the default)
     seed: int
 
     @property
@@ -46,31 +48,51 @@ class EvalItem:
         return item_key(asdict(self))
 
 
-def item_key(record: dict) -> str:
-    """The identity of a record: one per (image, task, solver, projector, scale, seed)."""
-    return "|".join(
-        [record["image"], record["task"], record["solver"], str(bool(record["diffstategrad"])), repr(float(record["guidance_scale"])), str(int(record["seed"]))]
-    )
-
-
-def make_grid(images: Sequence[str], tasks: Sequence[str], solvers: Sequence[str], guidance_scales: Sequence[float], seeds: Sequence[int],
+def make_grid(images: Sequence[str], tasks: Sequence[str], solvers: Sequence[str], guidance_multipliers: Sequence[float], seeds: Sequence[int],
               projector: Sequence[bool] = (False, True)) -> list[EvalItem]:
     """Every combination, ordered so that partial runs cover whole (task, solver) cells early;
-    ``projector`` lists which of without (False) / with (True) DiffStateGrad to run."""
-    return [
-        EvalItem(image, task, solver, dsg, float(scale), int(seed))
-        for task, solver, scale, seed, image, dsg in itertools.product(tasks, solvers, guidance_scales, seeds, images, tuple(projector))
-    ]
+    ``projector`` lists which of without (False) / with (True) DiffStateGrad to run. Classical
+    solvers (no prior, no guidance) get one multiplier (1) and no DiffStateGrad variant."""
+    from diffstategrad.solvers import solver_spec
+
+    items = []
+    for task, solver in itertools.product(tasks, solvers):
+        classical = not solver_spec(solver).needs_prior
+        for scale, seed, image, dsg in itertools.product((1.0,) if classical else guidance_multipliers, seeds, images,
+                                                         (False,) if classical else tuple(projector)):
+            items.append(EvalItem(image, task, solver, dsg, float(scale), int(seed)))
+    return items
+
+
+class EvaluationSettingsError(ValueError):
+    """A folder holds an evaluation with other settings."""
+
+
+def open_evaluation(out_dir: Path, settings: dict) -> tuple[RecordStore, FolderLock]:
+    """Lock ``out_dir`` for this process (``FolderInUseError`` if another holds it), check that
+    a folder being resumed holds the same experiment (``settings``; the image set may grow) and
+    open its record store. The caller releases the lock."""
+    import json
+
+    out_dir = Path(out_dir)
+    lock = FolderLock(out_dir).acquire()
+    try:
+        path = out_dir / SETTINGS_FILE
+        if path.exists():
+            previous = json.loads(path.read_text())
+            changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
+            if changed:
+                raise EvaluationSettingsError(f"{out_dir} holds an evaluation with other settings ({', '.join(changed)}); use another --out")
+        atomic_write_text(path, json.dumps(settings, indent=2))
+        return RecordStore(out_dir / RECORDS_FILE, item_key), lock
+    except BaseException:
+        lock.release()
+        raise
 
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------------------------
-
-
-def batch_key(item: dict) -> tuple:
-    """What items solved together in one solver call share: everything but the image."""
-    return (item["task"], item["solver"], bool(item["diffstategrad"]), float(item["guidance_scale"]), int(item["seed"]))
 
 
 def batch_items(items: Sequence[dict], batch: int) -> list[list[dict]]:
@@ -186,57 +208,92 @@ def _run_ray(todo, runner, context, address, accept):
 # Aggregation
 # ---------------------------------------------------------------------------------------------
 
-CELL = ("task", "solver", "diffstategrad", "guidance_scale")
+CELL = ("task", "solver", "diffstategrad", "guidance_multiplier")
 
 
 def summarize(records) -> list[dict]:
     """One row per (task, solver, projector, scale): n, mean / std / worst of each metric,
     failure rate and mean seconds. Failed samples are included with their (frozen) outputs."""
+    from diffstategrad.records import guidance_multiplier
+
     cells = defaultdict(list)
     for r in records:
+        r = {**r, "guidance_multiplier": guidance_multiplier(r)}
         cells[tuple(r[k] for k in CELL)].append(r)
     rows = []
     for cell, rs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][3], kv[0][2])):
         row = dict(zip(CELL, cell))
         row["n"] = len(rs)
-        for m in METRICS:
+        for m in METRICS + tuple(f"mean_{m}" for m in METRICS if any(f"mean_{m}" in r for r in rs)):
             values = [float(r[m]) for r in rs if r.get(m) is not None and math.isfinite(float(r[m]))]  # LPIPS may be absent
             row[f"{m}_mean"] = statistics.fmean(values) if values else float("nan")
             row[f"{m}_std"] = statistics.pstdev(values) if len(values) > 1 else 0.0
-            row[f"{m}_worst"] = (min(values) if HIGHER_IS_BETTER[m] else max(values)) if values else float("nan")
+            higher = HIGHER_IS_BETTER[m.removeprefix("mean_")]
+            row[f"{m}_worst"] = (min(values) if higher else max(values)) if values else float("nan")
+            row[f"{m}_p05"] = _percentile(values, 5 if higher else 95)
         row["failure_rate"] = sum(bool(r.get("failed")) for r in rs) / len(rs)
         row["seconds_mean"] = statistics.fmean(float(r.get("seconds", 0.0)) for r in rs)
         rows.append(row)
     return rows
 
 
-def _fmt(mean: float, std: float) -> str:
-    return "-" if math.isnan(mean) else f"{mean:.3f} +- {std:.3f}"
+def _percentile(values, q: float) -> float:
+    """The q-th percentile (linear interpolation) of ``values``; the worst-case 5 % for PSNR is
+    q = 5, for LPIPS (lower is better) q = 95."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _fmt(mean: float, std: float, digits: int = 3) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+
+def _needs_prior(solver: str) -> bool:
+    from diffstategrad.solvers import solver_spec
+
+    try:
+        return solver_spec(solver).needs_prior
+    except ValueError:  # a solver of an older version: treat it as a diffusion solver
+        return True
 
 
 def write_summary(rows: list[dict], out_dir: Path) -> None:
-    """``summary.csv`` (every column) and ``summary.md`` (mean +- std, worst, failure rate)."""
+    """``summary.csv`` (every column) and ``summary.md`` (mean +- std, the posterior mean's
+    scores when there are several samples, worst and 5th-percentile PSNR, failure rate)."""
     out_dir = Path(out_dir)
     if not rows:
         atomic_write_text(out_dir / "summary.csv", "")
         atomic_write_text(out_dir / "summary.md", "no records yet\n")
         return
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "summary.csv", buf.getvalue())
 
-    lines = [
-        "| task | solver | DiffStateGrad | guidance scale | n | PSNR | SSIM | LPIPS | worst PSNR | failure rate | s / image |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    with_mean = any("mean_psnr_mean" in r for r in rows)
+    head = "| task | solver | DiffStateGrad | guidance (x default) | n | PSNR | SSIM | LPIPS |"
+    if with_mean:
+        head += " PSNR of the mean | LPIPS of the mean |"
+    head += " worst PSNR | 5th pct PSNR | failure rate | s / image |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(
-            f"| {r['task']} | {r['solver']} | {'yes' if r['diffstategrad'] else 'no'} | {r['guidance_scale']:g} | {r['n']} "
-            f"| {r['psnr_mean']:.2f} +- {r['psnr_std']:.2f} | {r['ssim_mean']:.3f} +- {r['ssim_std']:.3f} "
-            f"| {_fmt(r['lpips_mean'], r['lpips_std'])} | {r['psnr_worst']:.2f} | {r['failure_rate']:.0%} | {r['seconds_mean']:.1f} |"
-        )
+        classical = not _needs_prior(r["solver"])
+        line = (f"| {r['task']} | {r['solver']} | {'-' if classical else ('yes' if r['diffstategrad'] else 'no')} "
+                f"| {'-' if classical else format(r['guidance_multiplier'], 'g')} | {r['n']} "
+                f"| {r['psnr_mean']:.2f} +- {r['psnr_std']:.2f} | {r['ssim_mean']:.3f} +- {r['ssim_std']:.3f} "
+                f"| {_fmt(r['lpips_mean'], r['lpips_std'])} |")
+        if with_mean:
+            line += (f" {_fmt(r.get('mean_psnr_mean', float('nan')), r.get('mean_psnr_std', 0.0), 2)} "
+                     f"| {_fmt(r.get('mean_lpips_mean', float('nan')), r.get('mean_lpips_std', 0.0))} |")
+        line += f" {r['psnr_worst']:.2f} | {r['psnr_p05']:.2f} | {r['failure_rate']:.0%} | {r['seconds_mean']:.2f} |"
+        lines.append(line)
     atomic_write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
 
 
@@ -248,7 +305,7 @@ def robustness_figure(rows: list[dict], path: Path, metric: str = "psnr") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["task"], r["solver"]) for r in rows})
+    panels = sorted({(r["task"], r["solver"]) for r in rows if _needs_prior(r["solver"])})
     if not panels:
         return
     cols = min(3, len(panels))
@@ -256,13 +313,16 @@ def robustness_figure(rows: list[dict], path: Path, metric: str = "psnr") -> Non
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     for ax, (task, solver) in zip(axes.flat, panels):
         for dsg, style in ((False, dict(color="tab:gray", marker="o", label="without")), (True, dict(color="tab:red", marker="s", label="with DiffStateGrad"))):
-            pts = sorted((r["guidance_scale"], r[f"{metric}_mean"], r[f"{metric}_std"]) for r in rows if r["task"] == task and r["solver"] == solver and r["diffstategrad"] == dsg)
+            pts = sorted((r["guidance_multiplier"], r[f"{metric}_mean"], r[f"{metric}_std"]) for r in rows
+                         if r["task"] == task and r["solver"] == solver and r["diffstategrad"] == dsg)
             if pts:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=es, capsize=3, **style)
+        for k, r in enumerate(r for r in rows if r["task"] == task and not _needs_prior(r["solver"])):
+            ax.axhline(r[f"{metric}_mean"], color=f"C{k + 2}", ls="--", lw=1, label=r["solver"])
         ax.set_xscale("log")
         ax.set_title(f"{task} / {solver}", fontsize=10)
-        ax.set_xlabel("guidance scale (x preset default)")
+        ax.set_xlabel("guidance scale (x default)")
         ax.set_ylabel(metric.upper())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -1,17 +1,24 @@
-"""The main job, shared by ``diffstategrad solve`` and ``diffstategrad evaluate``:
+"""The main job, one batched runner shared by ``solve``, ``evaluate`` and ``serve``:
 
-    image -> task preset -> (operator, noise) -> y -> solver (with / without DiffStateGrad)
-          -> reconstruction -> PSNR / SSIM / LPIPS
+    images -> task preset -> (operator, noise) -> y -> solver (with / without DiffStateGrad,
+           N posterior samples per image) -> reconstructions -> PSNR / SSIM / LPIPS
 
-Everything that reads or writes files lives in the CLI and in ``evaluate_item``; ``run_case``
-is pure computation on tensors.
+``run_job(prior, job, x, seeds)`` is pure computation on tensors: a ``Job`` names the task,
+the solver and its settings, ``x`` is a batch of ground truths and ``seeds`` one seed per image
+(its mask / kernel, its noise and its solver draws). With ``job.samples = N`` every image gets N
+posterior samples in the same solver call (sample k draws from ``derive_seed(seed, "solver",
+k)``; sample 0 is the single-sample default), scored as the first sample and as their mean,
+with the per-pixel standard deviation. ``solve_image`` runs one image without and / or with the
+projector and ``write_solve_outputs`` writes the ``solve`` command's folder; ``evaluate_items``
+is the evaluation's item runner. The CLI parses and prints; it does neither the math nor the
+files.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +29,55 @@ from diffstategrad.operators import Inpaint, PhaseRetrieval, Resize, load_task
 from diffstategrad.presets import solver_defaults
 from diffstategrad.priors import DiffusionPrior, load_prior
 from diffstategrad.projection import DiffStateGrad
-from diffstategrad.solvers import SOLVERS, SolveResult, solve
+from diffstategrad.records import guidance_multiplier, reconstruction_path
+from diffstategrad.rng import SampleGenerators, derive_seed
+from diffstategrad.solvers import SolveResult, solve, solver_spec
 
-__all__ = ["LATENT_SOLVERS", "resolve_model", "resolve_device", "defaults_profile", "CaseResult", "run_case", "measurement_image", "evaluate_items", "reconstruction_path", "solver_kwargs"]
-
-LATENT_SOLVERS = ("psld", "resample", "latent-daps")
+__all__ = ["PipelineError", "Job", "BatchResult", "EvalContext", "resolve_device", "resolve_model", "defaults_profile",
+           "default_size", "solver_kwargs", "run_job", "solve_image", "write_solve_outputs", "measurement_image",
+           "evaluate_items", "failed_any"]
 
 
 class PipelineError(ValueError):
     """A problem with the user's request (unknown name, wrong size, ...): one line, no traceback."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Resolving names: device, model, defaults
+# ---------------------------------------------------------------------------------------------
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PipelineError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError("--device cuda was asked for but no CUDA device is available")
-    return torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PipelineError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
 
 
-def resolve_model(spec: str | None, solver: str, device: torch.device) -> tuple[DiffusionPrior, str]:
-    """The prior for ``solver``: ``spec`` is None (the default built-in model of the right kind),
-    a built-in model's name, or a folder written by ``diffstategrad convert`` / training."""
+def resolve_model(spec: str | None, solver: str, device: torch.device) -> tuple[DiffusionPrior | None, str]:
+    """The prior for ``solver``: ``spec`` is None (the default built-in model of the kind the
+    solver needs), a built-in model's name, or a folder written by ``diffstategrad convert`` /
+    training. Solvers that need no prior (the classical baselines) get (None, "none")."""
     from diffstategrad.priors.builtin import list_builtin
 
-    want = "latent" if solver in LATENT_SOLVERS else "pixel"
+    try:
+        kinds = solver_spec(solver).priors
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+    if not kinds:
+        return None, "none"
     builtin = {m["name"]: m for m in list_builtin()}
     if spec is None:
-        names = [n for n, m in builtin.items() if m["kind"] == want]
+        names = [n for n, m in builtin.items() if m["kind"] == kinds[0] and m["info"].get("default", True)]
         if not names:
-            raise PipelineError(f"no built-in {want} model is shipped with this installation; pass --model FOLDER")
+            raise PipelineError(f"no built-in {kinds[0]} model is shipped with this installation; pass --model FOLDER")
         spec = names[0]
     if spec in builtin:
         prior, label = load_prior("builtin", spec, device=device), f"builtin:{spec}"
@@ -61,8 +87,8 @@ def resolve_model(spec: str | None, solver: str, device: torch.device) -> tuple[
         known = ", ".join(builtin) or "none"
         raise PipelineError(f"unknown model {spec!r}: not a built-in model ({known}) nor a converted model folder "
                             "(write one with `diffstategrad convert`)")
-    if prior.kind != want:
-        raise PipelineError(f"solver {solver!r} needs a {want} model, but {label} is a {prior.kind} model")
+    if prior.kind not in kinds:
+        raise PipelineError(f"solver {solver!r} needs a {' or '.join(kinds)} model, but {label} is a {prior.kind} model")
     return prior.to(device).eval(), label
 
 
@@ -72,14 +98,28 @@ def defaults_profile(model_label: str) -> str | None:
     return "builtin" if model_label.startswith("builtin:") else None
 
 
-def solver_kwargs(solver: str, task: str, *, steps=None, guidance_scale=None, guidance_multiplier: float = 1.0, overrides=None, profile: str | None = None) -> dict:
+def default_size(prior: DiffusionPrior | None) -> int:
+    """The image side the CLI uses when none is given: what the built-in models were made for."""
+    if prior is None:
+        return 64
+    info = getattr(prior, "info", {}) or {}
+    if info.get("image_size"):
+        return int(info["image_size"])
+    return 128 if prior.kind == "latent" else 64
+
+
+def solver_kwargs(solver: str, task: str, *, steps=None, guidance_scale=None, guidance_multiplier: float = 1.0, overrides=None,
+                  profile: str | None = None) -> dict:
     """The solver's keyword arguments: the table's defaults for the task (and ``profile``), then
-    the caller's values. ``guidance_multiplier`` scales the default guidance (the evaluation
-    grid)."""
-    if solver not in SOLVERS:
-        raise PipelineError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(SOLVERS))}")
-    kwargs = solver_defaults(solver, task, profile)
-    kwargs["guidance_scale"] = float(kwargs.get("guidance_scale", 1.0)) * float(guidance_multiplier)
+    the caller's values. ``guidance_scale`` is absolute; ``guidance_multiplier`` scales the
+    default guidance (the evaluation grid) when no absolute value is given."""
+    try:
+        solver_spec(solver)
+        kwargs = solver_defaults(solver, task, profile)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
+    if "guidance_scale" in kwargs or guidance_scale is not None or guidance_multiplier != 1.0:
+        kwargs["guidance_scale"] = float(kwargs.get("guidance_scale", 1.0)) * float(guidance_multiplier)
     if guidance_scale is not None:
         kwargs["guidance_scale"] = float(guidance_scale)
     if steps is not None:
@@ -88,22 +128,110 @@ def solver_kwargs(solver: str, task: str, *, steps=None, guidance_scale=None, gu
     return kwargs
 
 
+# ---------------------------------------------------------------------------------------------
+# One batched job
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to run on a batch of images (everything but the images and their seeds)."""
+
+    task: str
+    solver: str
+    projector: DiffStateGrad | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None  # absolute; None: the defaults' value x guidance_multiplier
+    guidance_multiplier: float = 1.0
+    samples: int = 1
+    task_overrides: Mapping[str, Any] | None = None
+    solver_overrides: Mapping[str, Any] | None = None
+    profile: str | None = None
+
+    def kwargs(self) -> dict:
+        return solver_kwargs(self.solver, self.task, steps=self.steps, guidance_scale=self.guidance_scale,
+                             guidance_multiplier=self.guidance_multiplier, overrides=self.solver_overrides, profile=self.profile)
+
+    def with_projector(self, projector: DiffStateGrad | None) -> "Job":
+        return replace(self, projector=projector)
+
+
 @dataclass
-class CaseResult:
+class BatchResult:
+    """The outcome of ``run_job`` for B images with N samples each.
+
+    x: (B, C, H, W) the first sample of every image; mean / std: their posterior mean and
+    per-pixel standard deviation over the N samples (None when N = 1); y: the measurements;
+    measurement: y as a picture (``measurement_image``); metrics: one dict per image (psnr, ssim,
+    lpips of the first sample; mean_psnr, ... of the mean when N > 1; seconds, failed,
+    failed_step, residual, failed_samples); result: the solver's result for all B * N samples
+    (image-major); kwargs: the solver's keyword arguments.
+    """
+
+    x: torch.Tensor
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
+    y: torch.Tensor
+    measurement: torch.Tensor
+    metrics: list[dict[str, Any]]
     result: SolveResult
-    metrics: dict[str, float]
-    solver_kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict
+    problem: Any = field(repr=False, default=None)
 
 
-def run_case(prior, problem, x, y, solver: str, kwargs: dict, projector: DiffStateGrad | None, seed: int, lpips=None, progress: bool = False) -> CaseResult:
-    """Solve one measurement and score it against the ground truth ``x`` (1, C, H, W)."""
+def _finite_or_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def run_job(prior: DiffusionPrior | None, job: Job, x: torch.Tensor, seeds, *, lpips=None, progress: bool = False,
+            callback: Callable[[dict], None] | None = None) -> BatchResult:
+    """Measure the ground truths ``x`` (B, C, H, W) with the job's task and solve, N samples per
+    image in one solver call. ``seeds``: one int per image. A sample's result does not depend on
+    the rest of the batch."""
     from diffstategrad.metrics import metrics_for
 
-    result = solve(solver, prior, problem.operator, y, shape=tuple(x.shape[1:]), seeds=[seed], projector=projector, progress=progress, **kwargs)
-    scores = metrics_for(result.x.detach().float(), x.float(), lpips=lpips)
-    metrics = {k: float(v[0]) for k, v in scores.items()}
-    metrics.update(seconds=float(result.seconds), failed=bool(result.failed[0]), failed_step=int(result.failed_step[0]), residual=float(result.residual[0]))
-    return CaseResult(result, metrics, kwargs)
+    seeds = [int(s) for s in seeds]
+    B, N = x.shape[0], int(job.samples)
+    if len(seeds) != B:
+        raise ValueError(f"{len(seeds)} seeds for {B} images")
+    if N < 1:
+        raise ValueError(f"samples must be >= 1, got {N}")
+    shape = tuple(x.shape[1:])
+    task = load_task(job.task, job.task_overrides)
+    problem = task.build(shape, seeds=seeds, device=x.device)
+    y = problem.measure(x, seeds=seeds)
+    kwargs = job.kwargs()
+    if N == 1:
+        operator, y_all, gens = problem.operator, y, SampleGenerators([derive_seed(s, "solver") for s in seeds])
+    else:
+        # every sample of an image sees that image's operator (drawn from its seed) and its y
+        operator = task.build(shape, seeds=[s for s in seeds for _ in range(N)], device=x.device).operator
+        y_all = y.repeat_interleave(N, dim=0)
+        gens = SampleGenerators([derive_seed(s, "solver", k) for s in seeds for k in range(N)])
+    result = solve(job.solver, prior, operator, y_all, shape=shape, seeds=gens, projector=job.projector, progress=progress,
+                   callback=callback, **kwargs)
+    samples = result.x.detach().float().reshape(B, N, *shape)
+    first = samples[:, 0]
+    mean = samples.mean(1) if N > 1 else None
+    std = samples.std(1, unbiased=True) if N > 1 else None
+    truth = x.float()
+    scores = metrics_for(first, truth, lpips=lpips)
+    mean_scores = metrics_for(mean, truth, lpips=lpips) if N > 1 else {}
+    failed = result.failed.reshape(B, N)
+    failed_step = result.failed_step.reshape(B, N)
+    residual = result.residual.reshape(B, N)
+    metrics = []
+    for b in range(B):
+        m = {k: float(v[b]) for k, v in scores.items()}
+        m.update({f"mean_{k}": float(v[b]) for k, v in mean_scores.items()})
+        m.update(seconds=float(result.seconds) / B, failed=bool(failed[b, 0]), failed_step=int(failed_step[b, 0]),
+                 residual=float(residual[b, 0]), samples=N, failed_samples=int(failed[b].sum()))
+        metrics.append({k: _finite_or_none(v) for k, v in m.items()})
+    return BatchResult(first, mean, std, y, measurement_image(problem.operator, y, x.shape), metrics, result, kwargs, problem)
+
+
+def failed_any(batch: BatchResult) -> bool:
+    return any(m["failed_samples"] for m in batch.metrics)
 
 
 def measurement_image(operator, y: torch.Tensor, image_shape) -> torch.Tensor:
@@ -126,76 +254,176 @@ def measurement_image(operator, y: torch.Tensor, image_shape) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# One evaluation item (run by every evaluate backend: in process, worker processes, Ray)
+# solve: one image, without and / or with the projector
 # ---------------------------------------------------------------------------------------------
+
+VARIANTS = {"baseline": "without DiffStateGrad", "diffstategrad": "with DiffStateGrad"}
+
+
+def solve_image(prior, job: Job, x: torch.Tensor, seed: int, variants: Mapping[str, DiffStateGrad | None], *, lpips=None,
+                progress: bool = False, callback: Callable[[str, dict], None] | None = None) -> dict[str, BatchResult]:
+    """Run ``job`` on one image once per variant (name -> projector or None); ``callback(name,
+    info)`` follows each run's steps."""
+    runs = {}
+    for name, projector in variants.items():
+        cb = None if callback is None else (lambda info, name=name: callback(name, info))
+        runs[name] = run_job(prior, job.with_projector(projector), x, [seed], lpips=lpips, progress=progress, callback=cb)
+    return runs
+
+
+def _plain(obj):
+    """JSON/YAML-safe copy (tuples to lists, tensors and numpy values to Python numbers)."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_solve_outputs(out_dir: Path, x: torch.Tensor, runs: Mapping[str, BatchResult], job: Job, config: dict) -> Path:
+    """The ``solve`` command's folder: ground_truth.png, measurement.png, reconstruction.png (the
+    run with DiffStateGrad where there is one), reconstruction_baseline.png and comparison.png
+    when both ran, posterior_mean*.png / posterior_std*.png with ``samples`` > 1, metrics.json
+    and config.yaml."""
+    import json
+
+    import yaml
+
+    from diffstategrad.images import comparison_figure, save_image
+    from diffstategrad.storage import atomic_write_text
+
+    out_dir = Path(out_dir)
+    main_name = "diffstategrad" if "diffstategrad" in runs else "baseline"
+    main = runs[main_name]
+    save_image(x.cpu(), out_dir / "ground_truth.png")
+    save_image(main.measurement.cpu(), out_dir / "measurement.png")
+    save_image(main.x.cpu(), out_dir / "reconstruction.png")
+    for name, run in runs.items():
+        suffix = "" if name == main_name else f"_{name}"
+        if name != main_name:
+            save_image(run.x.cpu(), out_dir / f"reconstruction{suffix}.png")
+        if run.mean is not None:
+            save_image(run.mean.cpu(), out_dir / f"posterior_mean{suffix}.png")
+            save_image(_std_image(run.std).cpu(), out_dir / f"posterior_std{suffix}.png")
+    if len(runs) > 1:
+        panels = [("ground truth", x.cpu()), (f"measurement ({job.task})", main.measurement.cpu())]
+        for name, run in runs.items():
+            panels.append((_label(VARIANTS.get(name, name), run.metrics[0]), run.x.cpu()))
+        for name, run in runs.items():
+            if run.mean is not None:
+                panels.append((_label(f"mean of {job.samples}, {VARIANTS.get(name, name)}", run.metrics[0], "mean_"), run.mean.cpu()))
+        comparison_figure(panels, out_dir / "comparison.png", panel_height=max(256, int(x.shape[-2])),
+                          columns=4 if len(panels) <= 4 else (len(panels) + 1) // 2)
+    metrics = dict(main.metrics[0])
+    metrics.update({name: run.metrics[0] for name, run in runs.items()})
+    atomic_write_text(out_dir / "metrics.json", json.dumps(_plain(metrics), indent=2) + "\n")
+    config = {**config, "solver_kwargs": main.kwargs, "task_parameters_at_size": main.problem.params, "samples": job.samples}
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
+    return out_dir
+
+
+def _label(name: str, m: dict, prefix: str = "") -> str:
+    lp = m.get(f"{prefix}lpips")
+    return (f"{name}  PSNR {m[f'{prefix}psnr']:.2f} / SSIM {m[f'{prefix}ssim']:.3f}"
+            + (f" / LPIPS {lp:.3f}" if lp is not None else "") + ("  FAILED" if not prefix and m.get("failed") else ""))
+
+
+def _std_image(std: torch.Tensor) -> torch.Tensor:
+    """A per-pixel standard deviation as a picture: channels averaged, scaled so that the
+    image's largest value is white (0 is black)."""
+    s = std.mean(1, keepdim=True)
+    return s / s.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-8) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate: the item runner (run by every backend: in process, worker processes, Ray)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What every item of one evaluation shares (sent to each worker, so plain values only)."""
+
+    images: Mapping[str, str]  # name -> file
+    solvers: tuple[str, ...]
+    size: int
+    out: str
+    steps: int | None = None
+    samples: int = 1
+    device: str = "auto"
+    threads: int = 1
+    models: Mapping[str, str | None] = field(default_factory=dict)  # prior kind -> model spec
+    projector: Mapping[str, Any] = field(default_factory=dict)  # DiffStateGrad.to_dict()
+    lpips: str = "vgg"
+    task_overrides: Mapping[str, Any] | None = None
+
+    def settings(self) -> dict:
+        """What identifies the experiment (a resumed run must have the same)."""
+        d = asdict(self)
+        for k in ("threads", "out", "images"):
+            d.pop(k)
+        return _plain(d)
+
 
 _STATE: dict[str, Any] = {}
 
 
-def _worker_state(context: dict) -> dict:
-    """Per-process cache of the prior, LPIPS and the images for one evaluation context."""
-    key = repr(sorted((k, str(v)) for k, v in context.items()))
+def _worker_state(context: EvalContext) -> dict:
+    """Per-process cache of the priors, LPIPS and the images for one evaluation context."""
+    key = repr(sorted((k, repr(v)) for k, v in asdict(context).items()))
     if _STATE.get("key") != key:
         from diffstategrad.images import load_image
         from diffstategrad.metrics import get_lpips
 
-        torch.set_num_threads(int(context.get("threads", 1)))
-        device = resolve_device(context.get("device"))
+        torch.set_num_threads(int(context.threads))
+        device = resolve_device(context.device)
         priors, profiles = {}, {}
-        for solver in context["solvers"]:
-            kind = "latent" if solver in LATENT_SOLVERS else "pixel"
+        for solver in context.solvers:
+            kind = solver_spec(solver).default_prior
             if kind not in priors:
-                priors[kind], label = resolve_model(context.get("models", {}).get(kind), solver, device)
-                profiles[kind] = defaults_profile(label)
-        size = context["size"]
-        images = {name: load_image(path, size).image.to(device) for name, path in context["images"].items()}
+                priors[kind], label = resolve_model(context.models.get(kind) if kind else None, solver, device)
+                profiles[kind] = defaults_profile(label) if kind else None
+        channels = next((p.image_channels if p.kind == "latent" else p.channels for p in priors.values() if p is not None), 3)
+        images = {name: load_image(path, context.size, channels=channels).image.to(device) for name, path in context.images.items()}
         _STATE.clear()
-        net = context.get("lpips", "vgg")
-        _STATE.update(key=key, device=device, priors=priors, profiles=profiles, images=images, lpips=None if net == "none" else get_lpips(net, device=device))
+        _STATE.update(key=key, device=device, priors=priors, profiles=profiles, images=images,
+                      lpips=None if context.lpips == "none" else get_lpips(context.lpips, device=device))
     return _STATE
 
 
-def safe_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
-
-
-def reconstruction_path(out_dir, record: dict) -> Path:
-    """Where an evaluation saves (and its image grid finds) one item's reconstruction."""
-    from diffstategrad.evaluate import item_key
-
-    return Path(out_dir) / "images" / f"{safe_name(item_key(record))}.png"
-
-
-def evaluate_items(items: list[dict], context: dict) -> list[dict]:
+def evaluate_items(items: list[dict], context: EvalContext) -> list[dict]:
     """Run a batch of items that differ only by image (one solver call) and return their
-    records. Each sample uses the item's seed for its mask/kernel, noise and solver draws, so
+    records. Each image uses the item's seed for its mask/kernel, noise and solver draws, so
     the records are those the items would give one by one."""
-    from diffstategrad.evaluate import batch_key
     from diffstategrad.images import save_image
-    from diffstategrad.metrics import metrics_for
+    from diffstategrad.records import batch_key
 
     first = items[0]
     if any(batch_key(it) != batch_key(first) for it in items):
         raise ValueError("evaluate_items takes items that differ only by image")
     state = _worker_state(context)
-    kind = "latent" if first["solver"] in LATENT_SOLVERS else "pixel"
-    prior = state["priors"][kind]
+    kind = solver_spec(first["solver"]).default_prior
     x = torch.cat([state["images"][it["image"]] for it in items])
-    seeds = [first["seed"]] * len(items)
-    task = load_task(first["task"], context.get("task_overrides"))
-    problem = task.build(tuple(x.shape[1:]), seeds=seeds, device=x.device)
-    y = problem.measure(x, seeds=seeds)
-    kwargs = solver_kwargs(first["solver"], first["task"], steps=context.get("steps"), guidance_multiplier=first["guidance_scale"], profile=state["profiles"][kind])
-    projector = DiffStateGrad(**context.get("projector", {})) if first["diffstategrad"] else None
-    result = solve(first["solver"], prior, problem.operator, y, shape=tuple(x.shape[1:]), seeds=seeds, projector=projector, **kwargs)
-    scores = metrics_for(result.x.detach().float(), x.float(), lpips=state["lpips"])
+    job = Job(first["task"], first["solver"], DiffStateGrad.from_dict(dict(context.projector)) if first["diffstategrad"] else None,
+              steps=context.steps, guidance_multiplier=guidance_multiplier(first), samples=context.samples,
+              task_overrides=context.task_overrides, profile=state["profiles"][kind])
+    batch = run_job(state["priors"][kind], job, x, [first["seed"]] * len(items), lpips=state["lpips"])
     records = []
     for b, it in enumerate(items):
-        save_image(result.x[b : b + 1].detach().cpu(), reconstruction_path(context["out"], it))
-        record = dict(it)
-        values = {k: float(v[b]) for k, v in scores.items()}
-        values.update(seconds=float(result.seconds) / len(items), failed=bool(result.failed[b]), failed_step=int(result.failed_step[b]), residual=float(result.residual[b]))
-        record.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()})
-        record.update(guidance_value=kwargs["guidance_scale"], steps=kwargs.get("steps"), size=int(x.shape[-1]), batch=len(items))
+        save_image(batch.x[b:b + 1].cpu(), reconstruction_path(context.out, it))
+        if batch.mean is not None:
+            save_image(batch.mean[b:b + 1].cpu(), reconstruction_path(context.out, it, "_mean"))
+            save_image(_std_image(batch.std[b:b + 1]).cpu(), reconstruction_path(context.out, it, "_std"))
+        record = {**it, **batch.metrics[b]}
+        record.update(guidance_scale=batch.kwargs.get("guidance_scale"), steps=batch.kwargs.get("steps"), size=int(x.shape[-1]),
+                      batch=len(items))
         records.append(record)
     return records

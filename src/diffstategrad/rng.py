@@ -20,15 +20,20 @@ __all__ = ["SampleGenerators", "as_generators", "derive_seed", "STREAMS"]
 STREAMS = ("operator", "noise", "solver")
 
 
-def derive_seed(seed: int, stream: str) -> int:
+def derive_seed(seed: int, stream: str, index: int = 0) -> int:
     """A 63-bit seed for ``stream`` derived from the user's ``seed`` (NumPy SeedSequence).
 
     ``operator`` seeds kernels and masks, ``noise`` the measurement noise, ``solver`` every draw
     a solver makes. Streams are statistically independent of each other for the same seed.
+    ``index`` numbers independent draws of one stream (posterior sample k of an item uses
+    ``derive_seed(seed, "solver", k)``); index 0 is the stream itself.
     """
     if stream not in STREAMS:
         raise ValueError(f"unknown random stream {stream!r}; choose one of {STREAMS}")
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, STREAMS.index(stream) + 1]).generate_state(2, dtype=np.uint32)
+    if int(index) < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
+    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF, STREAMS.index(stream) + 1] + ([int(index)] if index else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF
 
 

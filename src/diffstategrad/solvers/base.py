@@ -85,33 +85,63 @@ def solver_generators(seeds, batch_size: int) -> SampleGenerators:
     return SampleGenerators([derive_seed(s, "solver") for s in seeds])
 
 
-class FailureTracker:
-    """Marks samples whose state turns non-finite or whose residual explodes.
+RESIDUAL_FLOOR = 0.05  # RMS of y - A(x) below which rule 4 of FailureTracker never fires
+WORSE_THAN_GREY = 1.25  # rule 4: a residual this many times the grey image's is a failure
 
-    A failed sample keeps its last finite state, and the solver keeps running on a harmless
-    placeholder (zeros) in its slot so the rest of the batch is unaffected.
-    ``divergence_factor``: a residual above factor * max(||y_b||, 1) counts as an explosion.
+
+class FailureTracker:
+    """Marks samples that diverge. A sample fails at step k when
+
+    1. its state turns non-finite, or its residual is non-finite;
+    2. its residual explodes: r_k > ``divergence_factor`` * max(||y||, 1);
+    3. its residual grows back: r_k > ``growth_factor`` * min_{j<k} r_j and r_k > ||y|| / 4
+       (it had fitted the data and then lost it; the second condition ignores growth at the
+       noise floor);
+
+    and, checked by :meth:`SolveRun.finish` on the returned reconstruction,
+    4. it explains the data clearly worse than the grey image does: ||y - A(x)|| >
+       ``WORSE_THAN_GREY`` (1.25) * ||y - A(0)|| and
+       the residual's RMS is above ``RESIDUAL_FLOOR`` (0.05 in [-1, 1] units, far above the
+       presets' noise; it spares images whose truth is grey): a bounded but useless result, e.g.
+       DPS with a step size a million times too large, whose clipped estimates keep the
+       residual finite.
+
+    A failed sample keeps its last finite state (the state before it failed for rules 1-3), and
+    the solver keeps running on a harmless placeholder (zeros) in its slot so the rest of the
+    batch is unaffected.
     """
 
-    def __init__(self, y: torch.Tensor, divergence_factor: float = 1e3):
+    def __init__(self, y: torch.Tensor, divergence_factor: float = 1e3, growth_factor: float = 10.0):
         B = y.shape[0]
         self.failed = torch.zeros(B, dtype=torch.bool, device=y.device)
         self.failed_step = torch.full((B,), -1, dtype=torch.long, device=y.device)
-        self.limit = divergence_factor * y.reshape(B, -1).norm(dim=1).clamp(min=1.0)
+        y_norm = y.reshape(B, -1).norm(dim=1)
+        self.limit = divergence_factor * y_norm.clamp(min=1.0)
+        self.growth_factor = float(growth_factor)
+        self.growth_floor = y_norm / 4
+        self.best = torch.full((B,), float("inf"), device=y.device, dtype=y_norm.dtype)
         self.last_good: torch.Tensor | None = None
+        self.steps = 0
+
+    def mark(self, bad: torch.Tensor, step: int) -> None:
+        new = bad & ~self.failed
+        if new.any():
+            self.failed_step[new] = step
+            self.failed |= new
 
     def update(self, step: int, state: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Check ``state`` after ``step``; returns the state with failed slots zeroed."""
         B = state.shape[0]
+        self.steps = step + 1
         bad = ~torch.isfinite(state.reshape(B, -1)).all(dim=1)
         if residual is not None:
-            bad |= ~torch.isfinite(residual) | (residual > self.limit)
-        new = bad & ~self.failed
+            r = residual.detach().to(self.best.dtype)
+            bad |= ~torch.isfinite(r) | (r > self.limit)
+            bad |= (r > self.growth_factor * self.best) & (r > self.growth_floor)
+            self.best = torch.where(torch.isfinite(r), torch.minimum(self.best, r), self.best)
         if self.last_good is None:
             self.last_good = torch.zeros_like(state)
-        if new.any():
-            self.failed_step[new] = step
-            self.failed |= new
+        self.mark(bad, step)
         keep = ~self.failed
         self.last_good[keep] = state[keep].detach()
         if self.failed.any():
@@ -191,6 +221,10 @@ class SolveRun:
         with torch.no_grad():
             image = prior.to_image(state)
             final_residual = per_sample_residual(y, operator(image))
+            zero_residual = per_sample_residual(y, operator(torch.zeros_like(image)))
+        floor = RESIDUAL_FLOOR * (y[0].numel() ** 0.5)
+        worse = (final_residual > WORSE_THAN_GREY * zero_residual) & (final_residual > floor)
+        self.tracker.mark(worse, max(self.tracker.steps - 1, 0))  # rule 4
         return SolveResult(
             x=image,
             failed=self.tracker.failed.cpu(),

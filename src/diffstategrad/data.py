@@ -855,10 +855,10 @@ def _template_shapes(array: np.ndarray) -> dict[float, tuple[int, int]]:
 
 
 def find_near_duplicates(candidates: Mapping[str, np.ndarray], references: Mapping[str, np.ndarray],
-                         threshold: float = 0.8, progress: bool = False) -> list[tuple[str, str, float]]:
+                         threshold: float = 0.85, progress: bool = False) -> list[tuple[str, str, float]]:
     """(candidate, reference, score) for every pair where one image is a copy, a rescaled copy or
     a crop (down to a third of the width) of the other: normalised cross-correlation of grey
-    band-passed thumbnails >= ``threshold`` (0.8: unrelated photographs score 0.6-0.75 here, a
+    band-passed thumbnails >= ``threshold`` (0.85: unrelated photographs score 0.6-0.8 here, a
     crop to half the width 0.88, a copy 1.0)."""
     from tqdm import tqdm
 

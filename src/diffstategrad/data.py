@@ -10,7 +10,9 @@ Sources, all available offline (Debian packages and scikit-image):
   kept photograph inside the package. ``fetch_packages`` gets them without root:
   ``apt-get download PKG`` into a cache folder and ``dpkg-deb -x`` (or an installed copy is used).
 
-Every image of every source was looked at. Only colour photographs of real scenes are kept;
+Every image of every source was looked at (for two sets of documentation figures, opencv-doc's
+HTML tutorials and gimp-help-en, a sample and the large ones). Only colour photographs of real
+scenes are kept;
 ``DROPPED`` lists every other opencv-doc / skimage image with the reason, ``PACKAGE_NOTES`` what
 was left out of each kept package and ``REJECTED_PACKAGES`` the packages searched and not used.
 Three whole-image splits:

@@ -440,3 +440,24 @@ def test_basis_async_on_the_host_thread_gives_the_same_basis(monkeypatch):
     torch.testing.assert_close(proj.basis(z).Vh, here.Vh)
     with pytest.raises(FloatingPointError):  # errors of the background thread reach the caller
         proj.basis_async(torch.full((1, 3, 4, 4), float("inf"))).result()
+
+
+@pytest.mark.parametrize("solver", ["dps", "psld"])
+def test_solvers_that_overlap_the_basis_give_the_same_output_on_the_host_path(solver, monkeypatch):
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parent))
+    from tiny_models import TinyLatent, TinyPixel
+
+    from diffstategrad.operators.base import MatrixOperator
+    from diffstategrad.solvers import solve
+
+    op = MatrixOperator(torch.randn(20, 3 * 8 * 12, generator=torch.Generator().manual_seed(1)) / 10, (3, 8, 12))
+    y = torch.randn(2, 20, generator=torch.Generator().manual_seed(2)) * 0.1
+    prior = TinyLatent() if solver == "psld" else TinyPixel()
+    kw = dict(shape=(3, 8, 12), seeds=[0, 1], steps=5, guidance_scale=0.5)
+    here = solve(solver, prior, op, y, projector=DiffStateGrad(var_cutoff=0.9), **kw)
+    _host_device_elsewhere(monkeypatch)
+    threaded = solve(solver, prior, op, y, projector=DiffStateGrad(var_cutoff=0.9), **kw)
+    assert torch.equal(threaded.x, here.x)

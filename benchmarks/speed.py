@@ -166,16 +166,29 @@ def table(headers: list[str], rows: list[list]) -> str:
 class Report:
     """Markdown sections printed as they are made and collected for ``--out``; numbers for ``--json``."""
 
-    def __init__(self):
+    def __init__(self, header: str, out: Path | None = None, json_path: Path | None = None):
+        self.header, self.out, self.json_path = header, out, json_path
         self.sections: list[str] = []
         self.data: dict = {}
+        print(header, flush=True)
 
     def add(self, title: str, text: str, data=None, key: str | None = None) -> None:
+        """Print a section and rewrite the output files with everything so far (a run stopped
+        at its time limit keeps what it measured)."""
         section = f"### {title}\n\n{text}\n"
         print("\n" + section, flush=True)
         self.sections.append(section)
         if data is not None:
             self.data[key or title] = data
+        self.write()
+
+    def write(self, footer: str = "") -> None:
+        if self.out:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(self.header + "\n\n" + "\n".join(self.sections) + footer)
+        if self.json_path:
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            self.json_path.write_text(json.dumps(self.data, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,14 +255,15 @@ def network_pass(prior, state_shape, device) -> Callable[[], object]:
     return run
 
 
-def projectors(device: torch.device) -> dict[str, DiffStateGrad | None]:
-    """Without DiffStateGrad, and with it per SVD back-end (and placement on an accelerator)."""
-    out: dict[str, DiffStateGrad | None] = {"without": None, "auto": DiffStateGrad(), "full": DiffStateGrad(svd="full"), "gram": DiffStateGrad(svd="gram")}
-    if device.type != "cpu":
-        out = {"without": None, "auto (host, overlapped)": DiffStateGrad(),
-               "full on device": DiffStateGrad(svd="full", svd_device="state"), "gram on device": DiffStateGrad(svd="gram", svd_device="state"),
-               "full on host": DiffStateGrad(svd="full", svd_device="cpu"), "gram on host": DiffStateGrad(svd="gram", svd_device="cpu")}
-    return out
+def projectors(device: torch.device, limit: int | None = None) -> dict[str, DiffStateGrad | None]:
+    """Without DiffStateGrad, and with it per SVD back-end (and, on an accelerator, placement):
+    the first ``limit`` of them (all by default)."""
+    if device.type == "cpu":
+        out = {"without": None, "auto": DiffStateGrad(), "full": DiffStateGrad(svd="full"), "gram": DiffStateGrad(svd="gram")}
+    else:  # auto = the full SVD on the host, overlapped with the network pass where the solver allows
+        out = {"without": None, "auto (host)": DiffStateGrad(), "full on device": DiffStateGrad(svd="full", svd_device="state"),
+               "gram on device": DiffStateGrad(svd="gram", svd_device="state"), "gram on host": DiffStateGrad(svd="gram", svd_device="cpu")}
+    return dict(list(out.items())[:limit])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,11 +525,12 @@ def part_deepinv(report: Report, args, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _solver_table(report: Report, title: str, solver: str, prior, size: int, kwargs: dict, args, device: torch.device, key: str, note: str) -> None:
+def _solver_table(report: Report, title: str, solver: str, prior, size: int, kwargs: dict, args, device: torch.device, key: str, note: str,
+                  limit: int | None = None) -> None:
     x, op, y = fixed_problem(size, device)
     state_shape = (1, *prior.state_shape(tuple(x.shape[1:])))
     variants: dict[str, Callable] = {"network": network_pass(prior, state_shape, device)}
-    for label, proj in projectors(device).items():
+    for label, proj in projectors(device, limit).items():
         variants[label] = lambda p=proj: solve(solver, prior, op, y, shape=tuple(x.shape[1:]), seeds=[0], projector=p, **kwargs)
     sec = interleaved(variants, args.repeats, device)
     steps = kwargs["steps"]
@@ -542,14 +557,14 @@ def run_gpu(report: Report, args, device: torch.device) -> None:
         _precision_table(report, f"Precision paths on the built-in pixel prior ({size}x{size}, {device})",
                          lambda: load_prior("builtin").to(device), size, steps, args, device, "gpu_precision_builtin",
                          f"DPS with the `builtin` defaults at {steps} steps, {TASK} of chelsea: the PSNR change of a trained model")
-    del gd
     ldm = ldm_vq4_prior(device)
     rs_kwargs = dict(steps=6, pixel_iters=3, latent_iters=3, early_stop_window=1, hdc_every=2) if args.tiny else \
         dict(steps=args.gpu_resample_steps, pixel_iters=50, latent_iters=20, early_stop_window=10)
     _solver_table(report, f"ReSample on the LDM-VQ-4 architecture ({size}x{size} images, {size // 4}x{size // 4} latents, {device})", "resample", ldm,
                   size, rs_kwargs, args, device, "gpu_resample",
                   f"random weights in the real layout; {rs_kwargs['steps']} DDIM steps, hard data consistency every {rs_kwargs.get('hdc_every', 10)} "
-                  f"steps with {rs_kwargs['pixel_iters']} pixel / {rs_kwargs['latent_iters']} latent iterations; network = the latent UNet")
+                  f"steps with {rs_kwargs['pixel_iters']} pixel / {rs_kwargs['latent_iters']} latent iterations; network = the latent UNet",
+                  limit=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,9 +615,8 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    report = Report()
     header = f"`python benchmarks/speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{_environment(device)}"
-    print(header, flush=True)
+    report = Report(header, args.out, args.json)
     start = time.perf_counter()
     if args.gpu:
         run_gpu(report, args, device)
@@ -612,13 +626,7 @@ def main(argv=None) -> None:
                 globals()[f"part_{name}"](report, args, device)
     footer = f"\n(total {time.perf_counter() - start:.0f} s)\n"
     print(footer)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(header + "\n\n" + "\n".join(report.sections) + footer)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report.data, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
+    report.write(footer)
 
 if __name__ == "__main__":
     main()

@@ -224,15 +224,18 @@ def test_period_gating():
         proj(g, None, step=0)
 
 
-def test_rank_zero_is_explicit():
+@pytest.mark.parametrize("svd", ["full", "gram"])
+def test_rank_zero_is_explicit(svd):
     z = torch.randn(1, 3, 8, 8)
     g = torch.randn(1, 3, 8, 8)
     # the reference rule gives rank 0 at tau = 0.01; by default min_rank lifts it to 1 ...
-    assert int(DiffStateGrad(var_cutoff=0.01).basis(z).ranks[0]) == 1
+    assert int(DiffStateGrad(var_cutoff=0.01, svd=svd).basis(z).ranks[0]) == 1
     # ... and with min_rank=0 the official behaviour (a zero gradient) is reproduced
-    proj = DiffStateGrad(var_cutoff=0.01, min_rank=0)
-    assert int(proj.basis(z).ranks[0]) == 0
-    assert torch.count_nonzero(proj(g, z)) == 0
+    proj = DiffStateGrad(var_cutoff=0.01, min_rank=0, svd=svd)
+    basis = proj.basis(z)
+    assert int(basis.ranks[0]) == 0
+    assert torch.count_nonzero(proj.project(g, basis)) == 0
+    assert torch.count_nonzero(proj.project(g, basis)) == 0  # the dense form too
 
 
 def test_fixed_rank_and_invalid_arguments():

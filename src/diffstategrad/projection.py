@@ -114,12 +114,12 @@ SVD_DEVICES = ("auto", "state", "cpu")
 # one is not, that side is orthonormalised by a QR factorisation of Z^T U_r instead.
 GRAM_DIVISION_FLOOR = 1e-4
 
-# ``svd="auto"``: the exact back-end per device and state size (min(H, W)), from the
-# measurements in docs/performance.md (benchmarks/speed.py --part svd). On the CPU (MKL) the
-# float64 Gram eigendecomposition is not faster than the float32 SVD at any size measured, so
-# auto is the full SVD there; on CUDA (untested here: no GPU was available when the rule was
-# written) the full SVD for K <= 32, where cuSOLVER has a batched Jacobi SVD, and the Gram
-# back-end above.
+# ``svd="auto"``: the exact back-end per device and state size (min(H, W)), measured with
+# benchmarks/speed.py --part svd (docs/performance.md). On the CPU (MKL) the float64 Gram
+# eigendecomposition was no faster than the float32 SVD at any size measured, so auto is the
+# full SVD there (None: never gram). On CUDA (untested: no GPU was available when the rule was
+# written; it only applies with svd_device="state") the full SVD for K <= 32, where cuSOLVER
+# has a batched Jacobi SVD, and the Gram back-end above.
 AUTO_GRAM_MIN_SIZE = {"cpu": None, "cuda": 33}
 
 
@@ -178,6 +178,8 @@ def _gram_other_side(z64: torch.Tensor, E_r: torch.Tensor, energy: torch.Tensor,
     ``ranks`` (B,) are the samples' ranks; columns beyond a sample's rank are finite but unused."""
     R = E_r.shape[-1]
     scaled = (z64 @ E_r) if tall else (z64.transpose(-1, -2) @ E_r)  # columns s_i v_i (or s_i u_i)
+    if R == 0:
+        return scaled
     s = energy[..., :R].sqrt()
     other = scaled / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-2)
     used = (ranks.to(s.device).clamp(min=1) - 1).view(-1, *([1] * (s.ndim - 1))).expand(*s.shape[:-1], 1)

@@ -103,6 +103,23 @@ def test_dps_is_deterministic_and_batch_independent():
     assert not torch.allclose(other.x, full.x)
 
 
+def test_dps_with_the_basis_on_a_background_thread_is_unchanged(monkeypatch):
+    """The host path of DiffStateGrad.basis_async (what a CUDA state takes: copy, background
+    thread, copy back), forced on CPU states: the same numbers as the in-place basis."""
+    prior = GaussianPrior.low_rank_images((3, 8, 8), rank=2)
+    g = torch.Generator().manual_seed(0)
+    op = MatrixOperator(torch.randn(40, 192, generator=g), (3, 8, 8))
+    y = op(prior.sample(2, g).float())
+    kw = dict(shape=(3, 8, 8), steps=10, guidance_scale=0.1, seeds=[1, 2])
+    for state in ("x_t", "x0"):
+        here = dps(prior, op, y, projector=DiffStateGrad(var_cutoff=0.95), projector_state=state, **kw)
+        with monkeypatch.context() as m:
+            m.setattr(DiffStateGrad, "basis_device", lambda self, s: torch.device("cpu", 0))
+            threaded = dps(prior, op, y, projector=DiffStateGrad(var_cutoff=0.95), projector_state=state, **kw)
+        assert torch.equal(threaded.x, here.x)
+        assert all(torch.equal(a, b) for a, b in zip(threaded.history["rank"], here.history["rank"]))
+
+
 class _NaNForSampleOne(GaussianPrior):
     def eps(self, x_t, t):
         eps = super().eps(x_t, t)

@@ -14,7 +14,9 @@ rank when H = W.
 
 Two faces:
 - :class:`DiffStateGrad`, the projector class solvers use: per-sample bases and ranks, two rank
-  rules, an optional fixed rank, an optional randomized SVD, any dtype/device;
+  rules, an optional fixed rank, four SVD back-ends (``"auto"``, ``"full"``, ``"gram"``,
+  ``"randomized"``), the basis optionally computed on the host while the network runs
+  (:meth:`DiffStateGrad.basis_async`), any dtype/device;
 - :func:`compute_rank_for_explained_variance`, :func:`compute_svd_and_adaptive_rank` and
   :func:`apply_diffstategrad`, drop-in replacements for the three helpers of the official code
   (same signatures, same results for batch size 1; see their docstrings for the differences).
@@ -23,8 +25,8 @@ Two faces:
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,7 +34,11 @@ import torch
 __all__ = [
     "DiffStateGrad",
     "StateBasis",
+    "PendingBasis",
     "RANK_RULES",
+    "SVD_BACKENDS",
+    "SVD_DEVICES",
+    "auto_svd_backend",
     "rank_from_energy",
     "compute_rank_for_explained_variance",
     "compute_svd_and_adaptive_rank",
@@ -47,15 +53,14 @@ RANK_RULES = ("reference", "per_channel")
 # ---------------------------------------------------------------------------------------------
 
 
-def _cutoff_index(energy: torch.Tensor, cutoff: float) -> torch.Tensor:
+def _cutoff_index(energy: np.ndarray, cutoff: float) -> np.ndarray:
     """Number of leading entries of ``energy`` (last axis, descending) whose cumulative share
-    first reaches ``cutoff``: searchsorted(cumsum / sum, cutoff, side='left') + 1."""
-    total = energy.sum(dim=-1, keepdim=True)
-    share = energy.cumsum(dim=-1) / torch.where(total > 0, total, torch.ones_like(total))
+    first reaches ``cutoff``: searchsorted(cumsum / sum, cutoff, side='left') + 1; K where the
+    share never reaches it (all-zero energy)."""
+    total = energy.sum(axis=-1, keepdims=True)
+    share = energy.cumsum(axis=-1) / np.where(total > 0, total, 1.0)
     reached = share >= cutoff
-    # first index where the share reaches the cutoff; all-zero energy counts as reached at 1
-    idx = torch.where(reached.any(dim=-1), reached.float().argmax(dim=-1), energy.new_full(energy.shape[:-1], energy.shape[-1] - 1).long())
-    return idx.long() + 1
+    return np.where(reached.any(axis=-1), reached.argmax(axis=-1), energy.shape[-1] - 1) + 1
 
 
 def rank_from_energy(energy: torch.Tensor, cutoff: float, rule: str = "reference") -> torch.Tensor:
@@ -72,32 +77,66 @@ def rank_from_energy(energy: torch.Tensor, cutoff: float, rule: str = "reference
             official division).
 
     Returns:
-        (B,) int64 ranks in [0, K]. Rank 0 is possible (e.g. tau = 0.5 with the reference rule).
+        (B,) int64 ranks in [0, K] on the device of ``energy``. Rank 0 is possible (e.g.
+        tau = 0.5 with the reference rule). The rule runs in float64 NumPy on the host: a few
+        hundred numbers, for which a dozen small torch kernels cost more than the arithmetic.
     """
     if energy.ndim != 3:
         raise ValueError(f"energy must be (B, C, K), got {tuple(energy.shape)}")
     if not 0.0 < cutoff <= 1.0:
         raise ValueError(f"var_cutoff must be in (0, 1], got {cutoff}")
-    B, C, K = energy.shape
-    energy = energy.to(torch.float64)
-    if rule == "reference":
-        flat = _cutoff_index(energy.reshape(B, C * K), cutoff)
-        ranks = torch.div(flat, C, rounding_mode="floor")
-    elif rule == "per_channel":
-        ranks = torch.div(_cutoff_index(energy, cutoff).sum(dim=-1), C, rounding_mode="floor")
-    else:
+    if rule not in RANK_RULES:
         raise ValueError(f"unknown rank_rule {rule!r}; choose one of {RANK_RULES}")
-    return ranks.clamp(0, K)
+    e = energy.detach().to("cpu", torch.float64).numpy()
+    return torch.from_numpy(_ranks(e, cutoff, rule)).to(energy.device)
+
+
+def _ranks(energy: np.ndarray, cutoff: float, rule: str) -> np.ndarray:
+    """:func:`rank_from_energy` on a float64 (B, C, K) array: (B,) int64."""
+    B, C, K = energy.shape
+    if rule == "reference":
+        ranks = _cutoff_index(energy.reshape(B, C * K), cutoff) // C
+    else:
+        ranks = _cutoff_index(energy, cutoff).sum(axis=-1) // C
+    return np.minimum(np.maximum(ranks, 0), K).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
-# SVD of the state
+# SVD of the state: the back-ends
 # ---------------------------------------------------------------------------------------------
+
+SVD_BACKENDS = ("auto", "full", "gram", "randomized")
+SVD_DEVICES = ("auto", "state", "cpu")
+
+# The gram back-end gets the other side's singular vectors as Z^T u_i / s_i. Their loss of
+# orthonormality is about eps64 (s_1 / s_i)^2, below 1e-8 while every singular value a sample
+# uses is above this fraction of the largest; for the (nearly rank-deficient) matrices where
+# one is not, that side is orthonormalised by a QR factorisation of Z^T U_r instead.
+GRAM_DIVISION_FLOOR = 1e-4
+
+# ``svd="auto"``: the exact back-end per device and state size (min(H, W)), measured with
+# benchmarks/speed.py --part svd (docs/performance.md). On the CPU (MKL) the float64 Gram
+# eigendecomposition was no faster than the float32 SVD at any size measured, so auto is the
+# full SVD there (None: never gram). On CUDA (untested: no GPU was available when the rule was
+# written; it only applies with svd_device="state") the full SVD for K <= 32, where cuSOLVER
+# has a batched Jacobi SVD, and the Gram back-end above.
+AUTO_GRAM_MIN_SIZE = {"cpu": None, "cuda": 33}
 
 
 def _svd_dtype(x: torch.Tensor) -> torch.dtype:
     """SVD precision: float64 stays float64, everything else is computed in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def auto_svd_backend(device, dtype: torch.dtype, height: int, width: int) -> str:
+    """The exact back-end ``svd="auto"`` uses for states of this device, dtype and size:
+    ``"full"`` or ``"gram"`` (see ``AUTO_GRAM_MIN_SIZE``). float64 states always get the full
+    SVD: the Gram matrix squares the condition number, which float64 arithmetic no longer
+    absorbs when the state itself is float64."""
+    if dtype == torch.float64:
+        return "full"
+    threshold = AUTO_GRAM_MIN_SIZE.get(torch.device(device).type)
+    return "gram" if threshold is not None and min(height, width) >= threshold else "full"
 
 
 def _randomized_svd(z: torch.Tensor, q: int, oversample: int = 8, power_iters: int = 2):
@@ -119,23 +158,119 @@ def _randomized_svd(z: torch.Tensor, q: int, oversample: int = 8, power_iters: i
     return U[..., :q], s[..., :q], Vh[..., :q, :]
 
 
+def _gram_eigh(z64: torch.Tensor):
+    """Eigendecomposition of the smaller Gram matrix of every (H, W) matrix of ``z64`` (float64):
+    Z Z^T (H x H) when H <= W, else Z^T Z (W x W). Returns (energy, E, tall): the eigenvalues
+    (..., K) in descending order clamped at 0 (the squared singular values), the eigenvectors
+    E (..., K, K) in the same order (U when not tall, V when tall) and tall = H > W."""
+    tall = z64.shape[-2] > z64.shape[-1]
+    gram = z64.transpose(-1, -2) @ z64 if tall else z64 @ z64.transpose(-1, -2)
+    energy, E = torch.linalg.eigh(gram)
+    return energy.flip(-1).clamp(min=0), E.flip(-1), tall
+
+
+def _gram_other_side(z64: torch.Tensor, E_r: torch.Tensor, energy: torch.Tensor, ranks: torch.Tensor, tall: bool) -> torch.Tensor:
+    """The other side's top-R singular vectors from the Gram side's top-R eigenvectors E_r
+    (..., K, R): Z^T u_i / s_i (or Z v_i / s_i when tall), orthonormal to ~1e-8 while each
+    sample's smallest used singular value is above ``GRAM_DIVISION_FLOOR`` * s_1; for the
+    matrices where it is not (and for all-zero ones) the Q factor of Z^T U_r, an orthonormal
+    basis of the same subspace that stays orthonormal whatever the singular values.
+    ``ranks`` (B,) are the samples' ranks; columns beyond a sample's rank are finite but unused."""
+    R = E_r.shape[-1]
+    scaled = (z64 @ E_r) if tall else (z64.transpose(-1, -2) @ E_r)  # columns s_i v_i (or s_i u_i)
+    if R == 0:
+        return scaled
+    s = energy[..., :R].sqrt()
+    other = scaled / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-2)
+    used = (ranks.to(s.device).clamp(min=1) - 1).view(-1, *([1] * (s.ndim - 1))).expand(*s.shape[:-1], 1)
+    smallest_used = s.gather(-1, used).squeeze(-1)
+    fine = smallest_used > GRAM_DIVISION_FLOOR * energy[..., 0].sqrt()
+    fine |= (ranks.to(s.device) == 0).view(-1, *([1] * (s.ndim - 2)))
+    if not bool(fine.all()):
+        other[~fine] = torch.linalg.qr(scaled[~fine]).Q
+    return other
+
+
 @dataclass
 class StateBasis:
     """Per-sample, per-channel SVD bases of a state and the rank chosen for each sample.
 
     U: (B, C, H, R), Vh: (B, C, R, W) with R = max(ranks) (columns beyond a sample's own rank are
-    never used), singular_values: (B, C, K') with K' = K (full SVD) or q (randomized),
-    ranks: (B,) int64.
+    never used), singular_values: (B, C, K') with K' = K (full SVD, gram) or q (randomized),
+    ranks: (B,) int64 (on the CPU), backend: the SVD back-end that produced it.
+
+    With the ``gram`` back-end the leading R columns of U and rows of Vh span the same
+    subspaces as the SVD's (which is all the projection uses); for nearly rank-deficient
+    matrices the side computed by QR is an orthonormal basis of the subspace rather than the
+    individual singular vectors.
+
+    A basis remembers how often it was used: the first projection uses the r x r core form
+    (cheapest once); from the second on, the dense projectors P_U = U_r U_r^T and
+    P_V = V_r V_r^T are built once (:meth:`dense_projectors`) and every projection is two
+    batched matrix products (DAPS's MCMC loop and ReSample's inner optimisation reuse a basis
+    tens to thousands of times).
     """
 
     U: torch.Tensor
     Vh: torch.Tensor
     singular_values: torch.Tensor
     ranks: torch.Tensor
+    backend: str = "full"
+    uses: int = field(default=0, repr=False, compare=False)
+    _dense: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
         return self.U.shape[0]
+
+    def to(self, device) -> "StateBasis":
+        """The same basis with its factors on ``device`` (ranks stay on the CPU)."""
+        return StateBasis(U=self.U.to(device), Vh=self.Vh.to(device), singular_values=self.singular_values.to(device),
+                          ranks=self.ranks, backend=self.backend)
+
+    def dense_projectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_U, P_V): (B, C, H, H) and (B, C, W, W), each sample's U_r U_r^T and V_r V_r^T at its
+        own rank; built on first call and kept."""
+        if self._dense is None:
+            B, C, H, _ = self.U.shape
+            W = self.Vh.shape[-1]
+            P_U = self.U.new_zeros(B, C, H, H)
+            P_V = self.U.new_zeros(B, C, W, W)
+            for b in range(B):
+                r = int(self.ranks[b])
+                if r:
+                    U, Vh = self.U[b, :, :, :r], self.Vh[b, :, :r, :]
+                    P_U[b] = U @ U.transpose(-1, -2)
+                    P_V[b] = Vh.transpose(-1, -2) @ Vh
+            self._dense = (P_U, P_V)
+        return self._dense
+
+
+class PendingBasis:
+    """A basis on its way (:meth:`DiffStateGrad.basis_async`); :meth:`result` waits for it and
+    returns it on the state's device."""
+
+    def __init__(self, future: Future, device: torch.device):
+        self._future = future
+        self._device = device
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> StateBasis:
+        basis = self._future.result()
+        return basis if basis.U.device == self._device else basis.to(self._device)
+
+
+_WORKER: ThreadPoolExecutor | None = None
+
+
+def _worker() -> ThreadPoolExecutor:
+    """One background thread for host-side bases (LAPACK releases the GIL)."""
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffstategrad-basis")
+    return _WORKER
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,10 +296,19 @@ class DiffStateGrad:
         min_rank: lower bound on the adaptive rank. Default 1: a rank of 0 would zero the whole
             guidance gradient (the official code does exactly that for low cutoffs, silently);
             set 0 to reproduce it.
-        svd: ``"full"`` (torch.linalg.svd, exact) or ``"randomized"`` (top ``lowrank_q`` triplets
-            by a deterministic randomized range finder; ranks are then computed against the
-            exact Frobenius energy with the unseen tail spread evenly, and capped at q).
+        svd: the SVD back-end. ``"full"``: torch.linalg.svd (exact). ``"gram"``: the
+            eigendecomposition of the smaller Gram matrix (Z Z^T or Z^T Z) in float64, the other
+            side from Z^T U / s (exact to float rounding; see :func:`_gram_other_side`).
+            ``"randomized"``: the top ``lowrank_q`` triplets by a deterministic randomized range
+            finder (inexact; ranks are computed against the exact Frobenius energy with the
+            unseen tail spread evenly, and capped at q). ``"auto"`` (default): the faster exact
+            one for the device and size (:func:`auto_svd_backend`).
         lowrank_q: number of singular triplets the randomized SVD computes.
+        svd_device: where the basis of a state that is not on the CPU is computed: ``"state"``
+            (its own device), ``"cpu"`` (copied to the host and back: the host's LAPACK is
+            faster than cuSOLVER for these many small matrices, and :meth:`basis_async` can then
+            overlap it with the network pass) or ``"auto"`` (default: ``"cpu"``; untested on a
+            GPU when written, see docs/performance.md). CPU states are always decomposed in place.
     """
 
     var_cutoff: float = 0.99
@@ -172,8 +316,9 @@ class DiffStateGrad:
     rank_rule: str = "reference"
     rank: int | None = None
     min_rank: int = 1
-    svd: str = "full"
+    svd: str = "auto"
     lowrank_q: int = 64
+    svd_device: str = "auto"
     last_ranks: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -187,10 +332,12 @@ class DiffStateGrad:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
         if self.min_rank < 0:
             raise ValueError(f"min_rank must be >= 0, got {self.min_rank}")
-        if self.svd not in ("full", "randomized"):
-            raise ValueError(f"svd must be 'full' or 'randomized', got {self.svd!r}")
+        if self.svd not in SVD_BACKENDS:
+            raise ValueError(f"svd must be one of {', '.join(SVD_BACKENDS)}, got {self.svd!r}")
         if self.lowrank_q < 1:
             raise ValueError(f"lowrank_q must be >= 1, got {self.lowrank_q}")
+        if self.svd_device not in SVD_DEVICES:
+            raise ValueError(f"svd_device must be one of {', '.join(SVD_DEVICES)}, got {self.svd_device!r}")
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -211,38 +358,92 @@ class DiffStateGrad:
 
     # -- basis -----------------------------------------------------------------------------
 
+    def basis_device(self, state: torch.Tensor) -> torch.device:
+        """The device the basis of ``state`` is computed on (see ``svd_device``)."""
+        if state.device.type == "cpu" or self.svd_device == "state":
+            return state.device
+        return torch.device("cpu")
+
+    def backend_for(self, state: torch.Tensor) -> str:
+        """The back-end that decomposes ``state``: ``svd`` with ``"auto"`` resolved, and
+        ``"randomized"`` falling back to ``"full"`` when ``lowrank_q`` >= min(H, W)."""
+        H, W = state.shape[-2:]
+        if self.svd == "randomized":
+            return "randomized" if self.lowrank_q < min(H, W) else "full"
+        if self.svd == "auto":
+            return auto_svd_backend(self.basis_device(state), _svd_dtype(state), H, W)
+        return self.svd
+
     def basis(self, state: torch.Tensor) -> StateBasis:
-        """SVD of every channel of every sample of ``state`` (B, C, H, W) and one rank per sample."""
+        """SVD of every channel of every sample of ``state`` (B, C, H, W) and one rank per sample,
+        on the state's device."""
+        where = self._check_state(state)
+        if where == state.device:
+            return self._decompose(state.detach())
+        return self._decompose(state.detach().to(where)).to(state.device)
+
+    def basis_async(self, state: torch.Tensor) -> PendingBasis:
+        """Start the basis of ``state``; ``.result()`` returns what :meth:`basis` would.
+
+        When the basis is computed on the host for a state on an accelerator (``svd_device``),
+        the state is copied to the host now and decomposed by a background thread, so that a
+        solver can run the network pass in the meantime (DPS does: its subspace is that of x_t,
+        known before the network is called). Otherwise the basis is computed right away."""
+        where = self._check_state(state)
+        if where == state.device:
+            future: Future = Future()
+            future.set_result(self._decompose(state.detach()))
+            return PendingBasis(future, state.device)
+        host = state.detach().to(where)
+        return PendingBasis(_worker().submit(self._decompose, host), state.device)
+
+    def _check_state(self, state) -> torch.device:
         if not isinstance(state, torch.Tensor) or state.ndim != 4:
             raise ValueError(f"state must be a (B, C, H, W) tensor, got {getattr(state, 'shape', type(state))}")
-        z = state.detach().to(_svd_dtype(state))
-        if not torch.isfinite(z).all():
+        return self.basis_device(state)
+
+    def _decompose(self, state: torch.Tensor) -> StateBasis:
+        z = state.to(_svd_dtype(state))
+        if not math.isfinite(float(z.sum())):  # one reduction: any inf / nan (or overflow) shows
             raise FloatingPointError("DiffStateGrad: the state has non-finite values; cannot take its SVD")
         B, C, H, W = z.shape
         K = min(H, W)
-        use_randomized = self.svd == "randomized" and self.lowrank_q < K
-        if use_randomized:
+        backend = self.backend_for(z)
+        cap = K
+        if backend == "randomized":
             U, s, Vh = _randomized_svd(z, self.lowrank_q)
             energy = _padded_energy(s, z, K)
             cap = self.lowrank_q
-        else:
+        elif backend == "full":
             U, s, Vh = torch.linalg.svd(z, full_matrices=False)
-            energy = s.to(torch.float64) ** 2
-            cap = K
-        if self.rank is not None:
-            ranks = torch.full((B,), min(int(self.rank), cap), dtype=torch.long)
+            energy = s
         else:
-            ranks = rank_from_energy(energy, self.var_cutoff, self.rank_rule)
-            ranks = ranks.clamp(min=min(self.min_rank, cap), max=cap)
-        ranks = ranks.cpu()
+            z64 = z.to(torch.float64)
+            energy, E, tall = _gram_eigh(z64)
+            s = energy.sqrt().to(z.dtype)
+        if self.rank is not None:
+            ranks = np.full(B, min(int(self.rank), cap), dtype=np.int64)
+        else:
+            e = energy.to("cpu", torch.float64).numpy()
+            ranks = _ranks(e * e if backend == "full" else e, self.var_cutoff, self.rank_rule)
+            ranks = np.minimum(np.maximum(ranks, min(self.min_rank, cap)), cap)
         R = int(ranks.max()) if B else 0
+        ranks = torch.from_numpy(ranks)
         self.last_ranks = ranks
-        return StateBasis(U=U[..., :R], Vh=Vh[..., :R, :], singular_values=s, ranks=ranks)
+        if backend == "gram":
+            E_r = E[..., :R]
+            other = _gram_other_side(z64, E_r, energy, ranks, tall)
+            U, V = (other, E_r) if tall else (E_r, other)
+            return StateBasis(U=U.to(z.dtype), Vh=V.transpose(-1, -2).to(z.dtype), singular_values=s, ranks=ranks, backend=backend)
+        return StateBasis(U=U[..., :R], Vh=Vh[..., :R, :], singular_values=s, ranks=ranks, backend=backend)
 
     # -- projection ------------------------------------------------------------------------
 
     def project(self, grad: torch.Tensor, basis: StateBasis) -> torch.Tensor:
-        """P(G) for every sample with its own basis and rank; keeps G's shape, dtype and device."""
+        """P(G) for every sample with its own basis and rank; keeps G's shape, dtype and device.
+
+        The first projection with a basis uses the r x r core form per sample; later ones the
+        basis's dense projectors (two batched matrix products; see :class:`StateBasis`)."""
         if grad.ndim != 4:
             raise ValueError(f"grad must be (B, C, H, W), got {tuple(grad.shape)}")
         B, C, H, W = grad.shape
@@ -251,12 +452,16 @@ class DiffStateGrad:
                 f"gradient of shape {tuple(grad.shape)} does not match the state basis "
                 f"(U {tuple(basis.U.shape)}, Vh {tuple(basis.Vh.shape)})"
             )
-        out = torch.empty_like(grad)
+        basis.uses += 1
+        if basis.uses > 1:
+            P_U, P_V = basis.dense_projectors()
+            return (P_U @ grad.to(P_U.dtype) @ P_V).to(grad.dtype)
+        ranks = basis.ranks.tolist()
+        out = []
         for b in range(B):
             j = b if basis.U.shape[0] == B else 0
-            r = int(basis.ranks[j])
-            out[b] = _project_sample(grad[b], basis.U[j, :, :, :r], basis.Vh[j, :, :r, :])
-        return out
+            out.append(_project_sample(grad[b], basis.U[j, :, :, : ranks[j]], basis.Vh[j, :, : ranks[j], :]))
+        return torch.stack(out) if B > 1 else out[0].unsqueeze(0)
 
     def __call__(self, grad: torch.Tensor, state: torch.Tensor | None = None, step: int = 0, basis: StateBasis | None = None) -> torch.Tensor:
         """Project ``grad`` if ``applies_at(step)``, with ``basis`` or the basis of ``state``."""

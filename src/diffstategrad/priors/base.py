@@ -5,16 +5,40 @@ estimate and the score are derived here, once. A latent prior adds ``encode`` / 
 between images (B, 3, H, W) in [-1, 1] and latents. Every checkpoint format (built-in,
 guided-diffusion, CompVis LDM, diffusers) and every analytic oracle is an adapter to this one
 contract, so solvers never see where a model came from.
+
+Every subclass's ``eps``, ``eps_and_variance``, ``encode`` and ``decode`` are wrapped when the
+class is defined (``__init_subclass__``), so that ``diffstategrad.precision.configure_network``
+can run all network passes of a prior in reduced precision / channels-last / compiled without
+any solver or adapter knowing; an unconfigured prior calls its methods directly.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
 from diffstategrad.schedules import VPSchedule, eps_to_score, eps_to_x0
 
-__all__ = ["DiffusionPrior", "LatentDiffusionPrior", "as_timesteps"]
+__all__ = ["DiffusionPrior", "LatentDiffusionPrior", "as_timesteps", "NETWORK_METHODS"]
+
+NETWORK_METHODS = ("eps", "eps_and_variance", "encode", "decode")
+
+
+def _network_pass(fn, name: str):
+    """``fn`` (a prior method) routed through the prior's network configuration, if any."""
+
+    @functools.wraps(fn)
+    def method(self, x, *args, **kwargs):
+        if self._network_config is None or self._network_active:
+            return fn(self, x, *args, **kwargs)
+        from diffstategrad.precision import run_network
+
+        return run_network(self, name, fn, x, args, kwargs)
+
+    method.network_pass = True
+    return method
 
 
 def as_timesteps(t, batch_size: int, device=None) -> torch.Tensor:
@@ -45,6 +69,15 @@ class DiffusionPrior(nn.Module):
 
     kind = "pixel"
     learned_variance = False
+    _network_config = None  # a diffstategrad.precision.NetworkConfig once configured
+    _network_active = False  # inside a network pass (nested calls run plainly)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in NETWORK_METHODS:
+            fn = getattr(cls, name, None)
+            if fn is not None and not getattr(fn, "network_pass", False):
+                setattr(cls, name, _network_pass(fn, name))
 
     def __init__(self, schedule: VPSchedule, channels: int):
         super().__init__()

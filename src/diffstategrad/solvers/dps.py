@@ -12,6 +12,8 @@ The norm is taken per sample, so batch members never couple (the official code t
 the whole batch tensor). DiffStateGrad projects G onto the low-rank subspace of ``state``
 (``"x_t"``, the state the gradient is applied to, as in the official README's pattern; or
 ``"x0"``, the Tweedie estimate), every ``projector.period`` steps (step 0 is the first step).
+The basis of x_t is started before the network pass (``DiffStateGrad.basis_async``), so that
+on an accelerator the host computes it while the device runs the network.
 For a latent prior the measurement is compared with A(decode(z0_hat)) (latent DPS) and the
 result is decoded.
 """
@@ -102,6 +104,11 @@ def dps(
         a_t = prior.schedule.alpha_bar(t, like=x)
         a_prev = prior.schedule.alpha_bar(t_prev, like=x)
 
+        # the subspace of x_t is known before the network runs: start its basis now (on the host
+        # in a background thread when the state is on an accelerator, see DiffStateGrad.basis_async)
+        projecting = projector is not None and projector.applies_at(i)
+        pending = projector.basis_async(x) if projecting and projector_state == "x_t" else None
+
         # Tweedie estimate with the graph back to x_t (DPS Alg. 1 l. 3)
         x = x.detach().requires_grad_(True)
         eps, v = prior.eps_and_variance(x, t)
@@ -124,8 +131,8 @@ def dps(
 
         # DiffStateGrad: project the guidance gradient on the state's low-rank subspace
         rank = None
-        if projector is not None and projector.applies_at(i):
-            basis = projector.basis(x if projector_state == "x_t" else x0)
+        if projecting:
+            basis = pending.result() if pending is not None else projector.basis(x0)
             grad = projector.project(grad, basis)
             rank = basis.ranks
         x = x_prev - guidance_scale * grad  # Alg. 1 l. 7

@@ -21,7 +21,8 @@ predicted measurement through the noise model inside the loss, which appears uni
 not reproduced.
 
 DiffStateGrad (insertion point): the latent guidance gradient G, with the SVD of z_t, every
-``projector.period`` steps.
+``projector.period`` steps; the basis is started before the network pass
+(``DiffStateGrad.basis_async``: on an accelerator the host computes it meanwhile).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def psld(
     for i, t, t_prev in step_pairs(timesteps):
         a_t = prior.schedule.alpha_bar(t, like=z)
         a_prev = prior.schedule.alpha_bar(t_prev, like=z)
+        projecting = projector is not None and projector.applies_at(i)
+        pending = projector.basis_async(z) if projecting else None  # z_t is known: overlap its basis with the network
         z = z.detach().requires_grad_(True)
         eps = prior.eps(z, t)
         z0 = eps_to_x0(z, eps, a_t)
@@ -91,8 +94,8 @@ def psld(
         noise = gens.randn_like(z) if eta > 0 and t_prev >= 0 else None
         z_prev = ddim_step(z0, eps, a_t, a_prev, eta if t_prev >= 0 else 0.0, noise)
         rank = None
-        if projector is not None and projector.applies_at(i):
-            basis = projector.basis(z)
+        if projecting:
+            basis = pending.result()
             grad = projector.project(grad, basis)  # DiffStateGrad on the SVD of z_t
             rank = basis.ranks
         z = z_prev - grad

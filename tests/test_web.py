@@ -280,7 +280,7 @@ def test_serve_on_a_taken_port_is_one_line():
 def test_serve_options_are_checked():
     for option in ("--max-upload-mb", "--max-megapixels"):
         out = CliRunner().invoke(main, ["serve", option, "nan"])
-        assert out.exit_code == 2 and "finite" in out.output
+        assert out.exit_code == 1 and "finite" in out.output
     help_text = CliRunner().invoke(main, ["serve", "--help"]).output
     for option in ("--host", "--port", "--device", "--concurrency", "--threads", "--max-upload-mb", "--max-megapixels", "--max-size"):
         assert option in help_text

@@ -128,7 +128,7 @@ def projector_options(command):
 
     cls = projection.DiffStateGrad
     helps = _docstring_args(cls.__doc__ or "")
-    choices = {"rank_rule": projection.RANK_RULES, "svd": getattr(projection, "SVD_BACKENDS", ("full", "randomized"))}
+    choices = {"rank_rule": projection.RANK_RULES, "svd": projection.SVD_BACKENDS, "svd_device": projection.SVD_DEVICES}
     specs = [f for f in fields(cls) if f.init and f.repr]
 
     @functools.wraps(command)
@@ -146,6 +146,8 @@ def projector_options(command):
             kind = click.Choice(list(choices[f.name]))
         elif isinstance(default, bool):
             kind = bool
+        elif isinstance(default, str):
+            kind = str
         elif isinstance(default, int) or f.name == "rank":
             kind = click.IntRange(0)
         else:

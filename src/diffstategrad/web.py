@@ -259,9 +259,11 @@ class Engine:
 
     @staticmethod
     def solvers() -> list[str]:
-        from diffstategrad.solvers import SOLVERS
+        """The diffusion solvers (the classical baselines have no guidance gradient to compare
+        with and without the projector)."""
+        from diffstategrad.solvers import solver_names, solver_spec
 
-        return list(SOLVERS)
+        return [name for name in solver_names() if solver_spec(name).needs_prior]
 
     @staticmethod
     def examples() -> list[str]:
@@ -340,9 +342,10 @@ class Engine:
         return to_pil(x.cpu()), notes
 
     def _model(self, solver: str):
-        from diffstategrad.pipeline import LATENT_SOLVERS, resolve_model
+        from diffstategrad.pipeline import resolve_model
+        from diffstategrad.solvers import solver_spec
 
-        kind = "latent" if solver in LATENT_SOLVERS else "pixel"
+        kind = solver_spec(solver).default_prior
         with self._lock:
             if kind not in self._models:
                 self._models[kind] = resolve_model(None, solver, self.device)
@@ -362,7 +365,7 @@ class Engine:
         from diffstategrad.images import to_pil
         from diffstategrad.metrics import get_lpips
         from diffstategrad.operators import load_task
-        from diffstategrad.pipeline import PipelineError, defaults_profile, measurement_image, run_case, solver_kwargs
+        from diffstategrad.pipeline import Job, PipelineError, defaults_profile, measurement_image, run_job
 
         if self.threads is not None:
             torch.set_num_threads(self.threads)  # per OS thread: jobs run on worker threads
@@ -375,23 +378,24 @@ class Engine:
         try:
             preset = load_task(request.task, overrides)
             prior, model_label = self._model(request.solver)
-            try:
-                prior.check_size(*prior.state_shape((3, request.size, request.size))[1:])
-            except ValueError as exc:
-                raise JobError(f"image size {request.size}: {exc}; the model accepts {prior.size_rule()}") from None
+            if prior is not None:
+                try:
+                    prior.check_size(*prior.state_shape((3, request.size, request.size))[1:])
+                except ValueError as exc:
+                    raise JobError(f"image size {request.size}: {exc}; the model accepts {prior.size_rule()}") from None
+            job = Job(request.task, request.solver, steps=request.steps, guidance_scale=request.guidance_scale, task_overrides=overrides,
+                      profile=defaults_profile(model_label))
+            kwargs = job.kwargs()
             problem = preset.build(tuple(x.shape[1:]), seeds=[request.seed], device=self.device)
-            kwargs = solver_kwargs(request.solver, request.task, steps=request.steps, guidance_scale=request.guidance_scale,
-                                   profile=defaults_profile(model_label))
         except (PipelineError, ValueError, FileNotFoundError) as exc:
             raise JobError(str(exc).splitlines()[0]) from None
-        y = problem.measure(x, seeds=[request.seed])
-        shown = measurement_image(problem.operator, y, x.shape)
-        tensors = {"ground_truth": x.cpu(), "measurement": shown.cpu()}
-        report(ProgressEvent("measured", images={k: to_pil(v) for k, v in tensors.items()}))
         lpips = get_lpips("vgg", device=self.device)
         projector = DiffStateGrad(var_cutoff=request.var_cutoff, period=request.period, rank_rule=request.rank_rule)
         total = int(kwargs["steps"])
         every = max(1, math.ceil(total / PREVIEWS_PER_RUN))
+        y = problem.measure(x, seeds=[request.seed])  # what run_job measures too (same seed, same noise)
+        tensors = {"ground_truth": x.cpu(), "measurement": measurement_image(problem.operator, y, x.shape).cpu()}
+        report(ProgressEvent("measured", images={k: to_pil(v) for k, v in tensors.items()}))
         metrics = {}
         for run in RUNS:
             def callback(info: dict, run=run) -> None:
@@ -400,15 +404,15 @@ class Engine:
                 step = int(info["step"]) + 1
                 images = {}
                 if step % every == 0 or step >= total:
-                    with torch.no_grad():  # x0 where the solver gives it, else the state; latents decoded
-                        estimate = prior.to_image(info.get("x0", info["x"]).detach())
+                    with torch.no_grad():  # the step's clean estimate, decoded for latent solvers
+                        estimate = info["x0"].detach() if prior is None else prior.to_image(info["x0"].detach())
                     images[run] = to_pil(estimate[:1].cpu())
                 report(ProgressEvent(run, min(step, total), total, images))
 
-            case = run_case(prior, problem, x, y, request.solver, dict(kwargs, callback=callback),
-                            projector if run == "diffstategrad" else None, request.seed, lpips)
-            tensors[run] = case.result.x.detach().cpu()
-            metrics[run] = case.metrics
+            result = run_job(prior, job.with_projector(projector if run == "diffstategrad" else None), x, [request.seed], lpips=lpips,
+                             callback=callback)
+            tensors[run] = result.x.cpu()
+            metrics[run] = result.metrics[0]
         config = {
             "request": {k: v for k, v in request.to_dict().items() if k != "upload"}, "image": image_label, "image_notes": notes,
             "task": preset.to_dict(), "task_parameters_at_size": problem.params,

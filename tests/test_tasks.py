@@ -250,3 +250,33 @@ def test_measurement_same_on_every_device(name, device):
     here = task.build((3, 64, 64), seeds=[0, 1], device=device).measure(x.to(device))
     assert here.device.type == device.type
     assert torch.allclose(here.cpu(), on_cpu, atol=1e-5)
+
+
+def test_an_operator_registered_in_the_catalogue_runs_from_a_yaml_preset(tmp_path):
+    """What adding an operator takes: one spec registered by its module, one YAML preset."""
+    import torch
+
+    from diffstategrad.operators.base import LinearOperator
+    from diffstategrad.operators.registry import OperatorSpec, operator_names, register_operator
+
+    assert {"super_resolution", "gaussian_blur", "motion_blur", "box_inpainting", "random_inpainting", "phase_retrieval",
+            "high_dynamic_range", "nonlinear_blur"} <= set(operator_names())
+
+    class Scale(LinearOperator):
+        def __init__(self, gain):
+            super().__init__()
+            self.gain = gain
+
+        def forward(self, x):
+            return self.gain * x
+
+        def adjoint(self, y):
+            return self.gain * y
+
+    register_operator(OperatorSpec("test_gain", {"gain": 2.0}, lambda p, shape, seeds: Scale(p["gain"] * len(seeds)),
+                                   lambda p, size: {**p, "gain": p["gain"] * size.s}))
+    preset = tmp_path / "gain.yaml"
+    preset.write_text("name: gain\noperator: {name: test_gain, gain: 3.0}\nnoise: {name: none}\n")
+    problem = load_task(str(preset)).build((1, 128, 128), seeds=[0])
+    assert problem.params == {"gain": 1.5}
+    torch.testing.assert_close(problem.measure(torch.ones(1, 1, 128, 128)), torch.full((1, 1, 128, 128), 1.5))

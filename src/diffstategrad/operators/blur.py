@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from diffstategrad.operators.base import LinearOperator, check_image_batch
+from diffstategrad.operators.kernels import gaussian_kernel, motion_blur_kernel
+from diffstategrad.operators.registry import OperatorSpec, Size, ceil_tolerant, operator_rng, register_operator
 
 __all__ = ["Blur", "reflect_pad", "reflect_pad_adjoint"]
 
@@ -115,3 +117,31 @@ class Blur(LinearOperator):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, kernels={self.kernel.shape[0]}"
+
+
+def _scale_kernel(params: dict, size: Size) -> dict:
+    """Kernel size 2 ceil((k // 2) s) + 1 (61 -> 31 at 128, 17 at 64), Gaussian sigma times s;
+    the reflection padding must stay smaller than the image."""
+    kernel_size = 2 * ceil_tolerant((params["kernel_size"] // 2) * size.s) + 1
+    out = {**params, "kernel_size": kernel_size}
+    if "sigma" in params:
+        out["sigma"] = float(params["sigma"]) * size.s
+    if kernel_size // 2 >= min(size.height, size.width):
+        raise ValueError(f"a {kernel_size}x{kernel_size} kernel needs reflection padding {kernel_size // 2}, "
+                         f"which must be smaller than the image sides {size.height}x{size.width}")
+    return out
+
+
+def _build_gaussian(params: dict, image_shape, seeds) -> Blur:
+    return Blur(gaussian_kernel(params["kernel_size"], params["sigma"]))
+
+
+def _build_motion(params: dict, image_shape, seeds) -> Blur:
+    kernels = [motion_blur_kernel(params["kernel_size"], params["intensity"], operator_rng(s)) for s in seeds]
+    return Blur(np.stack(kernels)[:, None])
+
+
+register_operator(OperatorSpec("gaussian_blur", {"kernel_size": 61, "sigma": 3.0}, _build_gaussian, _scale_kernel,
+                               description="Gaussian blur after reflection padding"))
+register_operator(OperatorSpec("motion_blur", {"kernel_size": 61, "intensity": 0.5}, _build_motion, _scale_kernel,
+                               description="a random motion-blur kernel per seed, after reflection padding"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from diffstategrad.operators.base import Operator, check_image_batch
+from diffstategrad.operators.registry import OperatorSpec, register_operator
 
 __all__ = ["HighDynamicRange"]
 
@@ -29,3 +30,7 @@ class HighDynamicRange(Operator):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
+
+
+register_operator(OperatorSpec("high_dynamic_range", {"scale": 2.0}, lambda params, image_shape, seeds: HighDynamicRange(scale=params["scale"]),
+                               description="exposure gain then clipping to [-1, 1]"))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from diffstategrad.operators.base import LinearOperator, check_image_batch
+from diffstategrad.operators.registry import OperatorSpec, Size, as_pair, operator_rng, register_operator, round_half_up
 
 __all__ = ["Inpaint", "box_mask", "random_mask"]
 
@@ -110,3 +111,32 @@ class Inpaint(LinearOperator):
 
     def extra_repr(self) -> str:
         return f"size={tuple(self.mask.shape[-2:])}, masks={self.mask.shape[0]}"
+
+
+def _scale_box(params: dict, size: Size) -> dict:
+    """Box sides round(b s_h) x round(b s_w), margins round(m s_h) / round(m s_w) (half up)."""
+    box_h, box_w = as_pair(params["box_size"])
+    margin_h, margin_w = as_pair(params["margin"])
+    box = (round_half_up(box_h * size.s_h), round_half_up(box_w * size.s_w))
+    margin = (round_half_up(margin_h * size.s_h), round_half_up(margin_w * size.s_w))
+    (bh, bw), (mh, mw) = box, margin
+    if bh < 1 or bw < 1 or size.height - mh - bh <= mh or size.width - mw - bw <= mw:
+        raise ValueError(f"box_inpainting: a {bh}x{bw} box with margins {mh}/{mw} does not fit a {size.height}x{size.width} image")
+    return {**params, "box_size": box, "margin": margin}
+
+
+def _build_box(params: dict, image_shape, seeds) -> Inpaint:
+    masks = [box_mask(image_shape[1:], params["box_size"], params["margin"], operator_rng(s)) for s in seeds]
+    return Inpaint(np.stack(masks)[:, None])
+
+
+def _build_random(params: dict, image_shape, seeds) -> Inpaint:
+    masks = [random_mask(image_shape[1:], params["missing_fraction"], operator_rng(s)) for s in seeds]
+    return Inpaint(np.stack(masks)[:, None])
+
+
+register_operator(OperatorSpec("box_inpainting", {"box_size": 128, "margin": 16}, _build_box, _scale_box,
+                               description="a box of missing pixels at a random position"))
+register_operator(OperatorSpec("random_inpainting", {"missing_fraction": [0.7, 0.71]}, _build_random,
+                               lambda params, size: {**params, "missing_fraction": tuple(params["missing_fraction"])},
+                               description="a random fraction of missing pixel locations (does not scale with size)"))

@@ -41,6 +41,7 @@ from torch import nn
 
 from diffstategrad.storage import CheckpointMismatchError, build_on_meta, load_state_dict_file
 from diffstategrad.operators.base import Operator, check_image_batch
+from diffstategrad.operators.registry import OperatorSpec, register_operator
 
 __all__ = [
     "BKSE_WEIGHTS_ENV",
@@ -354,3 +355,19 @@ class NonlinearBlur(Operator):
 
     def extra_repr(self) -> str:
         return f"code_seed={self.code_seed}, code_scale={self.code_scale}"
+
+
+def _scale(params: dict, size) -> dict:
+    code_grid((size.height, size.width))  # raises for sizes the network cannot take
+    return params
+
+
+def _build(params: dict, image_shape, seeds) -> NonlinearBlur:
+    operator = NonlinearBlur.from_checkpoint(params["weights"], code_seed=params["code_seed"], code_scale=params["code_scale"])
+    if image_shape[0] != operator.network.config.input_nc:
+        raise ValueError(f"nonlinear_blur takes {operator.network.config.input_nc}-channel images, got {image_shape[0]}")
+    return operator
+
+
+register_operator(OperatorSpec("nonlinear_blur", {"weights": None, "code_seed": 0, "code_scale": 1.2}, _build, _scale,
+                               description="the bkse KernelWizard blur with a fixed code"))

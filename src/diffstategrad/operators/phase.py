@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from diffstategrad.operators.base import Operator, check_image_batch
+from diffstategrad.operators.registry import OperatorSpec, Size, register_operator
 
 __all__ = ["PhaseRetrieval", "centered_fft2", "oversample_padding"]
 
@@ -63,3 +64,14 @@ class PhaseRetrieval(Operator):
 
     def extra_repr(self) -> str:
         return f"pad={self.pad}" if self.pad is not None else f"oversample={self.oversample}"
+
+
+def _scale(params: dict, size: Size) -> dict:
+    """Padding int(oversample / 8 * n) for each axis length n (from the reference size when the
+    preset does not scale)."""
+    lengths = (size.height, size.width) if size.scale_with_size else (size.reference, size.reference)
+    return {**params, "pad": tuple(oversample_padding(n, params["oversample"]) for n in lengths)}
+
+
+register_operator(OperatorSpec("phase_retrieval", {"oversample": 2.0}, lambda params, image_shape, seeds: PhaseRetrieval(pad=params["pad"]),
+                               _scale, description="Fourier magnitude of the zero-padded image"))

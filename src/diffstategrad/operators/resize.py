@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from diffstategrad.operators.base import LinearOperator, check_image_batch
+from diffstategrad.operators.registry import OperatorSpec, register_operator
 
 __all__ = ["Resize", "cubic", "resize_matrix"]
 
@@ -101,3 +102,11 @@ class Resize(LinearOperator):
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}, in_size={self.in_size}, out_size={self.out_size}"
+
+
+def _build(params: dict, image_shape, seeds) -> Resize:
+    return Resize(image_shape[1:], factor=params["factor"])
+
+
+register_operator(OperatorSpec("super_resolution", {"factor": 4}, _build,
+                               description="bicubic downsampling by an integer factor (the factor does not scale with size)"))

@@ -11,7 +11,6 @@ measurement noise from ``derive_seed(s, "noise")``.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +22,8 @@ import yaml
 from diffstategrad.resources import configs_dir
 
 from diffstategrad.operators.base import Operator, check_image_batch
-from diffstategrad.operators.blur import Blur
-from diffstategrad.operators.hdr import HighDynamicRange
-from diffstategrad.operators.inpaint import Inpaint, box_mask, random_mask
-from diffstategrad.operators.kernels import gaussian_kernel, motion_blur_kernel
 from diffstategrad.operators.noise import Noise, make_noise
-from diffstategrad.operators.phase import PhaseRetrieval, oversample_padding
-from diffstategrad.operators.resize import Resize
+from diffstategrad.operators.registry import Size, operator_names, operator_spec
 from diffstategrad.rng import SampleGenerators, derive_seed
 
 __all__ = [
@@ -44,17 +38,24 @@ __all__ = [
     "tasks_dir",
 ]
 
-# Every operator's fields with their defaults at the reference size (= the official values).
-OPERATOR_FIELDS: dict[str, dict] = {
-    "super_resolution": {"factor": 4},
-    "gaussian_blur": {"kernel_size": 61, "sigma": 3.0},
-    "motion_blur": {"kernel_size": 61, "intensity": 0.5},
-    "box_inpainting": {"box_size": 128, "margin": 16},
-    "random_inpainting": {"missing_fraction": [0.7, 0.71]},
-    "phase_retrieval": {"oversample": 2.0},
-    "high_dynamic_range": {"scale": 2.0},
-    "nonlinear_blur": {"weights": None, "code_seed": 0, "code_scale": 1.2},
-}
+class _OperatorFields(Mapping):
+    """Every operator's fields with their defaults at the reference size (= the official values),
+    read from the operator catalogue (``operators/registry.py``)."""
+
+    def __getitem__(self, name):
+        try:
+            return operator_spec(name).fields
+        except ValueError:
+            raise KeyError(name) from None
+
+    def __iter__(self):
+        return iter(operator_names())
+
+    def __len__(self):
+        return len(operator_names())
+
+
+OPERATOR_FIELDS: Mapping[str, Mapping] = _OperatorFields()
 NOISE_FIELDS: dict[str, dict] = {"gaussian": {"sigma": 0.01}, "poisson": {"rate": 1.0}, "none": {}}
 _NOISE_ALIASES = {"clean": "none"}
 _TOP_FIELDS = ("name", "description", "source", "reference_size", "scale_with_size", "operator", "noise")
@@ -189,74 +190,26 @@ def _flatten(overrides: Mapping, prefix: str = "") -> dict:
 # The scaling rule
 
 
-def _round_half_up(value: float) -> int:
-    return int(math.floor(value + 0.5))
-
-
-def _ceil(value: float) -> int:
-    return int(math.ceil(value - 1e-9))  # 30 * 0.3 = 9.000000000000002 must stay 9
-
-
 def scale_operator_params(operator: Mapping, size, reference_size: int = 256, scale_with_size: bool = True) -> dict:
-    """The concrete operator parameters for images of ``size`` = (H, W).
-
-    With s_h = H / ref, s_w = W / ref and s = min(s_h, s_w) (``scale_with_size``):
-    blur kernel size 2 ceil((k // 2) s) + 1 (61 -> 31 at 128, 17 at 64, 121 at 512), Gaussian sigma
-    times s, motion kernels drawn at the scaled size; box sides round(b s_h) x round(b s_w) and
-    margins round(m s_h) / round(m s_w) (half up); phase-retrieval padding int(oversample / 8 * n)
-    for each axis length n; the SR factor, random-mask fraction, HDR scale and the nonlinear blur
-    unchanged. Without scaling the reference values are used as given (padding from the reference
-    size). Raises ValueError where the result does not fit the image.
+    """The concrete operator parameters for images of ``size`` = (H, W): the operator's own size
+    rule (its spec's ``scale``, given s_h = H / ref, s_w = W / ref, s = min(s_h, s_w), or all 1
+    without ``scale_with_size``). The rules of the bundled operators: blur kernel size
+    2 ceil((k // 2) s) + 1 (61 -> 31 at 128, 17 at 64, 121 at 512), Gaussian sigma times s, motion
+    kernels drawn at the scaled size; box sides round(b s_h) x round(b s_w) and margins
+    round(m s_h) / round(m s_w) (half up); phase-retrieval padding int(oversample / 8 * n) for
+    each axis length n; the SR factor, random-mask fraction, HDR scale and the nonlinear blur
+    unchanged (docs/tasks.md). Raises ValueError where the result does not fit the image.
     """
     height, width = int(size[0]), int(size[1])
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    name = operator["name"]
-    s_h, s_w = (height / reference_size, width / reference_size) if scale_with_size else (1.0, 1.0)
-    s = min(s_h, s_w)
+    spec = operator_spec(operator["name"])
     params = {k: copy.deepcopy(v) for k, v in operator.items() if k != "name"}
-
-    if name in ("gaussian_blur", "motion_blur"):
-        kernel_size = 2 * _ceil((operator["kernel_size"] // 2) * s) + 1
-        params["kernel_size"] = kernel_size
-        if name == "gaussian_blur":
-            params["sigma"] = float(operator["sigma"]) * s
-        if kernel_size // 2 >= min(height, width):
-            raise ValueError(f"{name}: a {kernel_size}x{kernel_size} kernel needs reflection padding "
-                             f"{kernel_size // 2}, which must be smaller than the image sides {height}x{width}")
-    elif name == "box_inpainting":
-        box_h, box_w = _pair(operator["box_size"])
-        margin_h, margin_w = _pair(operator["margin"])
-        params["box_size"] = (_round_half_up(box_h * s_h), _round_half_up(box_w * s_w))
-        params["margin"] = (_round_half_up(margin_h * s_h), _round_half_up(margin_w * s_w))
-        (bh, bw), (mh, mw) = params["box_size"], params["margin"]
-        if bh < 1 or bw < 1 or height - mh - bh <= mh or width - mw - bw <= mw:
-            raise ValueError(f"box_inpainting: a {bh}x{bw} box with margins {mh}/{mw} does not fit a "
-                             f"{height}x{width} image")
-    elif name == "random_inpainting":
-        params["missing_fraction"] = tuple(operator["missing_fraction"])
-    elif name == "phase_retrieval":
-        lengths = (height, width) if scale_with_size else (reference_size, reference_size)
-        params["pad"] = tuple(oversample_padding(n, operator["oversample"]) for n in lengths)
-    elif name == "nonlinear_blur":
-        from diffstategrad.operators.nonlinear_blur import code_grid
-
-        code_grid((height, width))  # raises for sizes the network cannot take
-    elif name not in OPERATOR_FIELDS:
-        raise ValueError(f"unknown operator {name!r}")
-    return params
-
-
-def _pair(value) -> tuple[int, int]:
-    return (int(value[0]), int(value[1])) if isinstance(value, (list, tuple)) else (int(value), int(value))
-
-
-# ----------------------------------------------------------------------------------------------
-# Building operators
-
-
-def _operator_rng(seed: int) -> np.random.Generator:
-    return np.random.default_rng(derive_seed(int(seed), "operator"))
+    try:
+        return spec.scale(params, Size(height, width, int(reference_size), bool(scale_with_size)))
+    except ValueError as exc:
+        message = str(exc)
+        raise ValueError(message if message.startswith(spec.name) else f"{spec.name}: {message}") from None
 
 
 def make_operator(name: str, params: Mapping, image_shape, seeds: Sequence[int]) -> Operator:
@@ -265,33 +218,7 @@ def make_operator(name: str, params: Mapping, image_shape, seeds: Sequence[int])
     Random parameters are drawn once per seed (a batch dimension of len(seeds)); the operator is
     float64 until moved with ``.to(dtype)``.
     """
-    channels, height, width = image_shape
-    if name == "super_resolution":
-        return Resize((height, width), factor=params["factor"])
-    if name == "gaussian_blur":
-        return Blur(gaussian_kernel(params["kernel_size"], params["sigma"]))
-    if name == "motion_blur":
-        kernels = [motion_blur_kernel(params["kernel_size"], params["intensity"], _operator_rng(s)) for s in seeds]
-        return Blur(np.stack(kernels)[:, None])
-    if name == "box_inpainting":
-        masks = [box_mask((height, width), params["box_size"], params["margin"], _operator_rng(s)) for s in seeds]
-        return Inpaint(np.stack(masks)[:, None])
-    if name == "random_inpainting":
-        masks = [random_mask((height, width), params["missing_fraction"], _operator_rng(s)) for s in seeds]
-        return Inpaint(np.stack(masks)[:, None])
-    if name == "phase_retrieval":
-        return PhaseRetrieval(pad=params["pad"])
-    if name == "high_dynamic_range":
-        return HighDynamicRange(scale=params["scale"])
-    if name == "nonlinear_blur":
-        from diffstategrad.operators.nonlinear_blur import NonlinearBlur
-
-        operator = NonlinearBlur.from_checkpoint(params["weights"], code_seed=params["code_seed"],
-                                                 code_scale=params["code_scale"])
-        if channels != operator.network.config.input_nc:
-            raise ValueError(f"nonlinear_blur takes {operator.network.config.input_nc}-channel images, got {channels}")
-        return operator
-    raise ValueError(f"unknown operator {name!r}; choose one of {sorted(OPERATOR_FIELDS)}")
+    return operator_spec(name).build(dict(params), tuple(int(n) for n in image_shape), [int(s) for s in seeds])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from diffstategrad import DiffStateGrad
 from diffstategrad.operators.base import MatrixOperator
 from diffstategrad.priors import GaussianPrior, LinearAutoencoderPrior, linear_gaussian_posterior
 from diffstategrad.solvers import solve
-from diffstategrad.solvers.daps import daps, edm_sigmas, latent_daps
+from diffstategrad.schedules import edm_sigmas
+from diffstategrad.solvers.daps import daps, latent_daps
 
 from test_dps import _problem
 

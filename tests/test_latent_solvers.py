@@ -109,6 +109,8 @@ FAST = {
     "resample": dict(steps=30, pixel_iters=5, latent_iters=5, early_stop_window=2),
     "daps": dict(steps=4, mcmc_steps=3, guidance_scale=1e-5),
     "latent-daps": dict(steps=4, mcmc_steps=3, guidance_scale=1e-5),
+    "tv": dict(steps=20, lam=0.01),
+    "pseudo-inverse": dict(steps=20),
 }
 
 

@@ -6,6 +6,7 @@ import pytest
 from diffstategrad.operators import list_tasks
 from diffstategrad.presets import solver_defaults, solver_source, solver_table
 from diffstategrad.solvers import SOLVERS, solver_spec
+from diffstategrad.solvers.daps import DAPSConfig
 from diffstategrad.solvers.resample import ReSampleConfig
 
 
@@ -13,6 +14,8 @@ def _accepted(name):
     params = set(inspect.signature(SOLVERS[name]).parameters)
     if name == "resample":
         params |= {f.name for f in fields(ReSampleConfig)}
+    if name in ("daps", "latent-daps"):
+        params |= {f.name for f in fields(DAPSConfig)} - {"latent"}
     return params
 
 

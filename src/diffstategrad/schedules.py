@@ -40,6 +40,7 @@ __all__ = [
     "sigma_to_alpha_bar",
     "ddpm_posterior",
     "ddim_step",
+    "edm_sigmas",
 ]
 
 
@@ -267,3 +268,12 @@ def ddim_step(
             raise ValueError("ddim_step with eta > 0 needs a noise tensor")
         x_prev = x_prev + sigma * noise
     return x_prev
+
+
+def edm_sigmas(sigma_max: float, sigma_min: float, num: int, rho: float = 7.0) -> list[float]:
+    """``num`` + 1 sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)
+    (Karras et al. 2022, Eq. 5)."""
+    if num < 1:
+        raise ValueError("at least one step is needed")
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [(hi + i / num * (lo - hi)) ** rho for i in range(num + 1)]

@@ -94,7 +94,7 @@ class FailureTracker:
 
     1. its state turns non-finite, or its residual is non-finite;
     2. its residual explodes: r_k > ``divergence_factor`` * max(||y||, 1);
-    3. its residual grows back: r_k > ``growth_factor`` * min_{j<k} r_j and r_k > ||y|| / 4
+    3. its residual grows back: r_k > ``growth_factor`` * min_{j<k} r_j and r_k > ||y|| / 2
        (it had fitted the data and then lost it; the second condition ignores growth at the
        noise floor);
 
@@ -118,7 +118,7 @@ class FailureTracker:
         y_norm = y.reshape(B, -1).norm(dim=1)
         self.limit = divergence_factor * y_norm.clamp(min=1.0)
         self.growth_factor = float(growth_factor)
-        self.growth_floor = y_norm / 4
+        self.growth_floor = y_norm / 2
         self.best = torch.full((B,), float("inf"), device=y.device, dtype=y_norm.dtype)
         self.last_good: torch.Tensor | None = None
         self.steps = 0

@@ -32,24 +32,18 @@ Defaults of ``daps`` follow the official pixel configs (configs/sampler/edm_daps
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+
 import torch
 
 from diffstategrad.operators.base import Operator
 from diffstategrad.priors.base import DiffusionPrior
 from diffstategrad.projection import DiffStateGrad
+from diffstategrad.schedules import edm_sigmas
 from diffstategrad.solvers.base import SolveResult, SolveRun, initial_state, solver_generators
 from diffstategrad.solvers.registry import register_solver
 
-__all__ = ["daps", "latent_daps", "edm_sigmas"]
-
-
-def edm_sigmas(sigma_max: float, sigma_min: float, num: int, rho: float = 7.0) -> list[float]:
-    """``num`` + 1 sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho)
-    (Karras et al. 2022, Eq. 5)."""
-    if num < 1:
-        raise ValueError("at least one step is needed")
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return [(hi + i / num * (lo - hi)) ** rho for i in range(num + 1)]
+__all__ = ["DAPSConfig", "PIXEL", "LATENT", "daps", "latent_daps"]
 
 
 def _pf_ode(prior: DiffusionPrior, x: torch.Tensor, sigma: float, sigma_end: float, steps: int, rho: float, clip: bool) -> torch.Tensor:
@@ -64,33 +58,37 @@ def _pf_ode(prior: DiffusionPrior, x: torch.Tensor, sigma: float, sigma_end: flo
     return x
 
 
-def _daps(
-    prior,
-    operator,
-    y,
-    *,
-    shape,
-    steps,
-    guidance_scale,
-    projector,
-    seeds,
-    callback,
-    progress,
-    sigma_max,
-    sigma_min,
-    ode_steps,
-    ode_sigma_min,
-    rho,
-    mcmc,
-    mcmc_steps,
-    tau,
-    lr_min_ratio,
-    momentum,
-    x_init,
-    divergence_factor,
-    latent,
-    clip_x0,
-):
+@dataclass(frozen=True)
+class DAPSConfig:
+    """Every DAPS setting but the step size (``guidance_scale``) and the annealing step count."""
+
+    sigma_max: float = 100.0
+    sigma_min: float = 0.1
+    ode_steps: int = 5
+    ode_sigma_min: float = 0.01
+    rho: float = 7.0
+    mcmc: str = "langevin"
+    mcmc_steps: int = 100
+    tau: float = 0.01
+    lr_min_ratio: float = 0.01
+    momentum: float = 0.9
+    clip_x0: bool = True
+    latent: bool = False
+
+
+# The official pixel DAPS-1K (configs/sampler/edm_daps.yaml, Langevin) and LatentDAPS
+# (latent_edm_daps.yaml: sigma_max 10, 2 ODE steps to 0.001, HMC; MCMC values typical of the
+# official ``ldm`` task configs, which the task table then sets per task).
+PIXEL = DAPSConfig()
+LATENT = DAPSConfig(sigma_max=10.0, ode_steps=2, ode_sigma_min=0.001, mcmc="hmc", mcmc_steps=50, lr_min_ratio=0.1, momentum=0.7,
+                    clip_x0=False, latent=True)
+
+
+def _run(prior, operator, y, cfg: DAPSConfig, *, shape, steps, guidance_scale, projector, seeds, callback, progress, x_init,
+         divergence_factor):
+    sigma_max, sigma_min, ode_steps, ode_sigma_min, rho = cfg.sigma_max, cfg.sigma_min, cfg.ode_steps, cfg.ode_sigma_min, cfg.rho
+    mcmc, mcmc_steps, tau, lr_min_ratio, momentum = cfg.mcmc, cfg.mcmc_steps, cfg.tau, cfg.lr_min_ratio, cfg.momentum
+    latent, clip_x0 = cfg.latent, cfg.clip_x0
     if mcmc not in ("langevin", "hmc"):
         raise ValueError(f"mcmc must be 'langevin' or 'hmc', got {mcmc!r}")
     if guidance_scale <= 0:
@@ -143,79 +141,33 @@ def _daps(
     return run.finish(prior, operator, y, x)
 
 
-def daps(
-    prior: DiffusionPrior,
-    operator: Operator,
-    y: torch.Tensor,
-    *,
-    shape=None,
-    steps: int = 200,
-    guidance_scale: float = 5e-5,
-    projector: DiffStateGrad | None = None,
-    seeds=None,
-    callback=None,
-    progress: bool = False,
-    sigma_max: float = 100.0,
-    sigma_min: float = 0.1,
-    ode_steps: int = 5,
-    ode_sigma_min: float = 0.01,
-    rho: float = 7.0,
-    mcmc: str = "langevin",
-    mcmc_steps: int = 100,
-    tau: float = 0.01,
-    lr_min_ratio: float = 0.01,
-    momentum: float = 0.9,
-    x_init: torch.Tensor | None = None,
-    divergence_factor: float = 1e3,
-    clip_x0: bool = True,
-) -> SolveResult:
-    """Pixel-space DAPS (DAPS-1K defaults: 200 annealing steps x 5 ODE steps, 100 Langevin
-    steps). ``guidance_scale`` is the MCMC step size lr (official pixel default 5e-5; the
-    task table gives per-task values). ``clip_x0`` clips the denoiser's output to [-1, 1] inside
-    the ODE (guided-diffusion's clip_denoised; the official DAPS does not clip, which small
-    models do not tolerate at high noise). See the module docstring for every other argument."""
-    return _daps(
-        prior, operator, y, shape=shape, steps=steps, guidance_scale=guidance_scale, projector=projector, seeds=seeds,
-        callback=callback, progress=progress, sigma_max=sigma_max, sigma_min=sigma_min, ode_steps=ode_steps,
-        ode_sigma_min=ode_sigma_min, rho=rho, mcmc=mcmc, mcmc_steps=mcmc_steps, tau=tau, lr_min_ratio=lr_min_ratio,
-        momentum=momentum, x_init=x_init, divergence_factor=divergence_factor, latent=False, clip_x0=clip_x0,
-    )
+def _configured(base: DAPSConfig, overrides: dict) -> DAPSConfig:
+    unknown = set(overrides) - {f.name for f in fields(DAPSConfig)} | ({"latent"} & set(overrides))
+    if unknown:
+        raise ValueError(f"unknown DAPS settings: {sorted(unknown)}")
+    return replace(base, **overrides)
 
 
-def latent_daps(
-    prior: DiffusionPrior,
-    operator: Operator,
-    y: torch.Tensor,
-    *,
-    shape=None,
-    steps: int = 50,
-    guidance_scale: float = 1e-5,
-    projector: DiffStateGrad | None = None,
-    seeds=None,
-    callback=None,
-    progress: bool = False,
-    sigma_max: float = 10.0,
-    sigma_min: float = 0.1,
-    ode_steps: int = 2,
-    ode_sigma_min: float = 0.001,
-    rho: float = 7.0,
-    mcmc: str = "hmc",
-    mcmc_steps: int = 50,
-    tau: float = 0.01,
-    lr_min_ratio: float = 0.1,
-    momentum: float = 0.7,
-    x_init: torch.Tensor | None = None,
-    divergence_factor: float = 1e3,
-) -> SolveResult:
-    """Latent DAPS (official ``latent_edm_daps``: 50 annealing steps, sigma_max 10, 2 ODE steps
-    to 0.001, HMC). The MCMC settings default to typical values of the official ``ldm`` task
-    configs; the task table gives per-task values. ``shape`` is the image shape."""
-    return _daps(
-        prior, operator, y, shape=shape, steps=steps, guidance_scale=guidance_scale, projector=projector, seeds=seeds,
-        callback=callback, progress=progress, sigma_max=sigma_max, sigma_min=sigma_min, ode_steps=ode_steps,
-        ode_sigma_min=ode_sigma_min, rho=rho, mcmc=mcmc, mcmc_steps=mcmc_steps, tau=tau, lr_min_ratio=lr_min_ratio,
-        momentum=momentum, x_init=x_init, divergence_factor=divergence_factor, latent=True, clip_x0=False,
-    )
+def daps(prior: DiffusionPrior, operator: Operator, y: torch.Tensor, *, shape=None, steps: int = 200, guidance_scale: float = 5e-5,
+         projector: DiffStateGrad | None = None, seeds=None, callback=None, progress: bool = False, x_init: torch.Tensor | None = None,
+         divergence_factor: float = 1e3, **overrides) -> SolveResult:
+    """Pixel-space DAPS (DAPS-1K defaults, :data:`PIXEL`: 200 annealing steps x 5 ODE steps, 100
+    Langevin steps); any field of :class:`DAPSConfig` overrides it. ``guidance_scale`` is the
+    MCMC step size lr (official pixel default 5e-5; the task table gives per-task values).
+    ``clip_x0`` clips the denoiser's output to [-1, 1] inside the ODE (guided-diffusion's
+    clip_denoised; the official DAPS does not clip, which small models do not tolerate at high
+    noise)."""
+    return _run(prior, operator, y, _configured(PIXEL, overrides), shape=shape, steps=steps, guidance_scale=guidance_scale,
+                projector=projector, seeds=seeds, callback=callback, progress=progress, x_init=x_init, divergence_factor=divergence_factor)
+
+
+def latent_daps(prior: DiffusionPrior, operator: Operator, y: torch.Tensor, *, shape=None, steps: int = 50, guidance_scale: float = 1e-5,
+                projector: DiffStateGrad | None = None, seeds=None, callback=None, progress: bool = False, x_init: torch.Tensor | None = None,
+                divergence_factor: float = 1e3, **overrides) -> SolveResult:
+    """Latent DAPS (:data:`LATENT`, the official ``latent_edm_daps``); any field of
+    :class:`DAPSConfig` overrides it. ``shape`` is the image shape."""
+    return _run(prior, operator, y, _configured(LATENT, overrides), shape=shape, steps=steps, guidance_scale=guidance_scale,
+                projector=projector, seeds=seeds, callback=callback, progress=progress, x_init=x_init, divergence_factor=divergence_factor)
 
 
 register_solver("daps", daps, priors=("pixel",), description="DAPS in pixel space (Zhang et al., CVPR 2025)")

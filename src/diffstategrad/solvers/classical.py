@@ -80,7 +80,8 @@ def _data_gradient(operator, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
 def operator_norm_squared(operator, x: torch.Tensor, iters: int = 30, seed: int = 0) -> torch.Tensor:
     """(B,) largest eigenvalue of J^T J at ``x`` (J the Jacobian of A; ||A||^2 for linear A), by
     power iteration with a fixed start."""
-    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype).to(x.device)
+    # the same start for every sample, so that a sample's estimate does not depend on the batch
+    v = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(seed), dtype=x.dtype).to(x.device).expand_as(x).clone()
     lam = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     for _ in range(iters):
         v = v / v.flatten(1).norm(dim=1).clamp(min=1e-30).view(-1, *[1] * (x.ndim - 1))

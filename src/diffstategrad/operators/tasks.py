@@ -204,8 +204,9 @@ def scale_operator_params(operator: Mapping, size, reference_size: int = 256, sc
     blur kernel size 2 ceil((k // 2) s) + 1 (61 -> 31 at 128, 17 at 64, 121 at 512), Gaussian sigma
     times s, motion kernels drawn at the scaled size; box sides round(b s_h) x round(b s_w) and
     margins round(m s_h) / round(m s_w) (half up); phase-retrieval padding int(oversample / 8 * n)
-    for each axis length n; the SR factor, random-mask fraction, HDR scale and the nonlinear blur
-    unchanged. Without scaling the reference values are used as given (padding from the reference
+    for each axis length n; the SR factor, random-mask fraction and HDR scale unchanged; for the
+    nonlinear blur the network is resolved (``weights``: "builtin" or the file or folder used,
+    ``network``: which network and why, ``code_grid``: its code grid at this size). Without scaling the reference values are used as given (padding from the reference
     size). Raises ValueError where the result does not fit the image.
     """
     height, width = int(size[0]), int(size[1])
@@ -239,9 +240,15 @@ def scale_operator_params(operator: Mapping, size, reference_size: int = 256, sc
         lengths = (height, width) if scale_with_size else (reference_size, reference_size)
         params["pad"] = tuple(oversample_padding(n, operator["oversample"]) for n in lengths)
     elif name == "nonlinear_blur":
-        from diffstategrad.operators.nonlinear_blur import code_grid
+        from diffstategrad.operators.nonlinear_blur import code_grid, resolve_blur_network
 
-        code_grid((height, width))  # raises for sizes the network cannot take
+        source = resolve_blur_network(operator["weights"])
+        try:
+            grid = code_grid((height, width), source.config())
+        except ValueError as exc:
+            hint = "" if source.builtin else "; operator.weights: builtin selects the built-in stand-in"
+            raise ValueError(f"nonlinear_blur with {source.note}: {exc}{hint}") from None
+        params.update(weights="builtin" if source.builtin else str(source.path), network=source.note, code_grid=grid)
     elif name not in OPERATOR_FIELDS:
         raise ValueError(f"unknown operator {name!r}")
     return params
@@ -284,10 +291,11 @@ def make_operator(name: str, params: Mapping, image_shape, seeds: Sequence[int])
     if name == "high_dynamic_range":
         return HighDynamicRange(scale=params["scale"])
     if name == "nonlinear_blur":
-        from diffstategrad.operators.nonlinear_blur import NonlinearBlur
+        from diffstategrad.operators.nonlinear_blur import NonlinearBlur, load_blur_network, resolve_blur_network
 
-        operator = NonlinearBlur.from_checkpoint(params["weights"], code_seed=params["code_seed"],
-                                                 code_scale=params["code_scale"])
+        network = load_blur_network(resolve_blur_network(params["weights"]))
+        operator = NonlinearBlur(network, code_seed=params["code_seed"], code_scale=params["code_scale"],
+                                 source=params.get("network", ""))
         if channels != operator.network.config.input_nc:
             raise ValueError(f"nonlinear_blur takes {operator.network.config.input_nc}-channel images, got {channels}")
         return operator

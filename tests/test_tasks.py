@@ -23,8 +23,8 @@ from diffstategrad.operators.tasks import tasks_dir
 
 TASKS = ["box_inpainting", "gaussian_deblur", "hdr", "motion_deblur", "nonlinear_deblur",
          "phase_retrieval", "rand_inpainting", "super_resolution"]
-# bkse's KernelWizard needs weights, never random ones: tested in test_nonlinear_blur.py
-BUILDABLE = [t for t in TASKS if t != "nonlinear_deblur"]
+# without bkse weights the nonlinear preset uses the built-in KernelWizard (test_nonlinear_blur.py)
+BUILDABLE = TASKS
 
 
 @pytest.fixture(autouse=True)
@@ -174,11 +174,14 @@ def test_every_preset_builds_and_measures(name, size):
         assert y.shape[-2:] == (size * 3 // 2, size * 3 // 2)
 
 
-def test_nonlinear_preset_needs_weights():
-    with pytest.raises(FileNotFoundError, match="GOPRO_wVAE.pth.*drive.google.com"):
-        load_task("nonlinear_deblur").build((3, 256, 256), seeds=[0])
-    with pytest.raises(ValueError, match="multiples of 128"):
-        load_task("nonlinear_deblur").build((3, 64, 64), seeds=[0])
+def test_nonlinear_preset_without_bkse_weights():
+    """No bkse file: the built-in stand-in, which says so; sizes follow its rule (multiples of 32)."""
+    params = load_task("nonlinear_deblur").operator_params((64, 64))
+    assert params["weights"] == "builtin" and params["code_grid"] == (2, 2)
+    assert "built-in KernelWizard stand-in" in params["network"] and "no bkse weights" in params["network"]
+    assert load_task("nonlinear_deblur").operator_params((128, 96))["code_grid"] == (4, 3)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        load_task("nonlinear_deblur").build((3, 48, 48), seeds=[0])
 
 
 @pytest.mark.parametrize("name", ["motion_deblur", "box_inpainting", "rand_inpainting"])
@@ -249,7 +252,8 @@ def test_measurement_same_on_every_device(name, device):
     on_cpu = task.build((3, 64, 64), seeds=[0, 1]).measure(x)
     here = task.build((3, 64, 64), seeds=[0, 1], device=device).measure(x.to(device))
     assert here.device.type == device.type
-    assert torch.allclose(here.cpu(), on_cpu, atol=1e-5)
+    # the blur network's convolutions may round differently (TF32) on a GPU
+    assert torch.allclose(here.cpu(), on_cpu, atol=5e-3 if name == "nonlinear_deblur" else 1e-5)
 
 
 def test_an_operator_registered_in_the_catalogue_runs_from_a_yaml_preset(tmp_path):

@@ -12,12 +12,15 @@ from diffstategrad.operators.inpaint import Inpaint, box_mask, random_mask
 from diffstategrad.operators.kernels import gaussian_kernel, motion_blur_kernel
 from diffstategrad.operators.noise import GaussianNoise, NoNoise, Noise, PoissonNoise, make_noise
 from diffstategrad.operators.nonlinear_blur import (
-    CheckpointMismatchError,
     KernelWizard,
     KernelWizardConfig,
+    KernelWizardMismatchError,
+    KernelWizardWeightsError,
     NonlinearBlur,
+    load_builtin_kernel_wizard,
     load_kernel_wizard,
     resolve_bkse_weights,
+    resolve_blur_network,
 )
 from diffstategrad.operators.phase import PhaseRetrieval, oversample_padding
 from diffstategrad.operators.resize import Resize, resize_matrix
@@ -32,13 +35,14 @@ from diffstategrad.operators.tasks import (
 
 __all__ = [
     "Blur",
-    "CheckpointMismatchError",
     "GaussianNoise",
     "HighDynamicRange",
     "Inpaint",
     "InverseProblem",
     "KernelWizard",
     "KernelWizardConfig",
+    "KernelWizardMismatchError",
+    "KernelWizardWeightsError",
     "LinearOperator",
     "MatrixOperator",
     "NoNoise",
@@ -53,6 +57,7 @@ __all__ = [
     "check_image_batch",
     "gaussian_kernel",
     "list_tasks",
+    "load_builtin_kernel_wizard",
     "load_kernel_wizard",
     "load_task",
     "make_noise",
@@ -62,5 +67,6 @@ __all__ = [
     "random_mask",
     "resize_matrix",
     "resolve_bkse_weights",
+    "resolve_blur_network",
     "scale_operator_params",
 ]

@@ -197,8 +197,10 @@ def scale_operator_params(operator: Mapping, size, reference_size: int = 256, sc
     2 ceil((k // 2) s) + 1 (61 -> 31 at 128, 17 at 64, 121 at 512), Gaussian sigma times s, motion
     kernels drawn at the scaled size; box sides round(b s_h) x round(b s_w) and margins
     round(m s_h) / round(m s_w) (half up); phase-retrieval padding int(oversample / 8 * n) for
-    each axis length n; the SR factor, random-mask fraction, HDR scale and the nonlinear blur
-    unchanged (docs/tasks.md). Raises ValueError where the result does not fit the image.
+    each axis length n; the SR factor, random-mask fraction and HDR scale unchanged; for the
+    nonlinear blur the network is resolved (``weights``: "builtin" or the file or folder used,
+    ``network``: which network and why, ``code_grid``: its code grid at this size; docs/tasks.md).
+    Raises ValueError where the result does not fit the image.
     """
     height, width = int(size[0]), int(size[1])
     if height < 1 or width < 1:

@@ -29,6 +29,8 @@ CASES = {
     "resample-reference": dict(solver="resample", setting="reference", steps=30, pixel_iters=5, latent_iters=5, early_stop_window=2),
     "daps": dict(steps=4, mcmc_steps=3, guidance_scale=1e-5),
     "latent-daps": dict(steps=4, mcmc_steps=3, guidance_scale=1e-4),
+    "diffpir": dict(steps=6, guidance_scale=10.0, data_iters=3),
+    "diffpir-latent": dict(solver="diffpir", latent=True, steps=6, guidance_scale=10.0, data_iters=3),
 }
 LATENT = ("psld", "resample", "latent-daps")
 
@@ -36,7 +38,7 @@ LATENT = ("psld", "resample", "latent-daps")
 def run_case(case: str, projected: bool):
     kw = dict(CASES[case])
     name = kw.pop("solver", case)
-    prior = TinyLatent() if name in LATENT else TinyPixel()
+    prior = TinyLatent() if name in LATENT or kw.pop("latent", False) else TinyPixel()
     op = MatrixOperator(torch.randn(20, 3 * 8 * 12, generator=torch.Generator().manual_seed(1)) / 10, SHAPE)
     y = torch.randn(2, 20, generator=torch.Generator().manual_seed(2)) * 0.1
     projector = DiffStateGrad(var_cutoff=0.9) if projected else None
@@ -52,6 +54,10 @@ def golden_of(result) -> dict:
 
 # fmt: off
 GOLDEN = {
+    "diffpir/plain": {'slice': [0.623341, 0.374169, -0.602117, 1.0, -1.0, -0.932913, 1.0, -0.925441, -0.372888], 'residual': [1.741175, 1.549919]},
+    "diffpir/diffstategrad": {'slice': [-0.129612, 0.535676, 0.031186, 1.0, -0.820812, -0.914631, 0.999997, -0.646917, -0.174934], 'residual': [1.836614, 1.384687]},
+    "diffpir-latent/plain": {'slice': [-1.0, 1.0, -1.0, -1.0, 0.999965, 1.0, -1.0, -1.0, 1.0], 'residual': [7.362324, 5.585114]},
+    "diffpir-latent/diffstategrad": {'slice': [-1.0, 1.0, -1.0, -1.0, 0.99999, 1.0, -1.0, -1.0, 1.0], 'residual': [8.239701, 6.387263]},
     "daps/plain": {'slice': [0.97972, -0.241203, -1.068866, 0.96535, -0.005013, -0.799986, 0.969266, -0.357641, -0.970776], 'residual': [2.646882, 1.938538]},
     "daps/diffstategrad": {'slice': [1.050651, -0.066704, -1.10469, 0.93949, 0.199971, -0.897993, 0.976158, -0.296926, -1.027619], 'residual': [4.767838, 3.617171]},
     "dps/plain": {'slice': [-0.340385, 0.999989, -1.00002, 0.999996, -0.999937, -0.731387, 1.000043, -0.053984, -0.040861], 'residual': [3.19455, 4.507944]},
@@ -104,7 +110,7 @@ def test_every_solver_calls_back_with_one_key_set():
     for case in CASES:
         kw = dict(CASES[case])
         name = kw.pop("solver", case)
-        prior = TinyLatent() if name in LATENT else TinyPixel()
+        prior = TinyLatent() if name in LATENT or kw.pop("latent", False) else TinyPixel()
         op = MatrixOperator(torch.randn(20, 3 * 8 * 12, generator=torch.Generator().manual_seed(1)) / 10, SHAPE)
         y = torch.randn(1, 20, generator=torch.Generator().manual_seed(2)) * 0.1
         seen = []

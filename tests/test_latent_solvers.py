@@ -109,6 +109,7 @@ FAST = {
     "resample": dict(steps=30, pixel_iters=5, latent_iters=5, early_stop_window=2),
     "daps": dict(steps=4, mcmc_steps=3, guidance_scale=1e-5),
     "latent-daps": dict(steps=4, mcmc_steps=3, guidance_scale=1e-5),
+    "diffpir": dict(steps=6, guidance_scale=10.0, data_iters=3),
     "tv": dict(steps=20, lam=0.01),
     "pseudo-inverse": dict(steps=20),
 }

@@ -492,5 +492,9 @@ def convert_command(format, checkpoint, out_dir, preset, config_path, weights, o
     click.echo(f"wrote {out}")
 
 
+from diffstategrad.posterior_benchmark.command import benchmark_group  # noqa: E402
+
+main.add_command(benchmark_group)
+
 if __name__ == "__main__":  # python -m diffstategrad.cli
     main()

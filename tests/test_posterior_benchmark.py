@@ -180,6 +180,8 @@ def test_cli_quick_json(tmp_path):
         assert r["sw_floor"] > 0 and 0 <= r["correct_mass_exact"] <= 1
         assert (r["mean_rank"] is None) == (not r["diffstategrad"])
     assert (out / "posterior_box_inpainting.png").stat().st_size > 1000
+    paired = (out / "paired.md").read_text().splitlines()
+    assert len(paired) == 2 + 2 * 2 and paired[2].startswith("| daps | 1 |")  # header, rule, solvers x multipliers
     assert json.loads((out / "results.json").read_text())["records"] == records
     # the same seed gives the same numbers
     again = CliRunner().invoke(main, args[:-1] + [str(tmp_path / "again")])

@@ -492,7 +492,7 @@ def convert_command(format, checkpoint, out_dir, preset, config_path, weights, o
     click.echo(f"wrote {out}")
 
 
-from diffstategrad.posterior_benchmark.command import benchmark_group  # noqa: E402
+from diffstategrad.posterior_benchmark.command import benchmark_group
 
 main.add_command(benchmark_group)
 

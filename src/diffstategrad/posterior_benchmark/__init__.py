@@ -11,8 +11,17 @@ docs/posterior-benchmark.md.
   ``command``: the click command.
 """
 
-from diffstategrad.posterior_benchmark.distances import energy_distance, random_directions, sliced_wasserstein
-from diffstategrad.posterior_benchmark.exact import MixturePosterior, dense_matrix, mixture_posterior, prior_moments
+from diffstategrad.posterior_benchmark.distances import (
+    energy_distance,
+    random_directions,
+    sliced_wasserstein,
+)
+from diffstategrad.posterior_benchmark.exact import (
+    MixturePosterior,
+    dense_matrix,
+    mixture_posterior,
+    prior_moments,
+)
 from diffstategrad.posterior_benchmark.prior import PatchMixturePrior, fit_patch_mixture
 from diffstategrad.posterior_benchmark.run import TASKS, BenchmarkConfig, run_benchmark
 from diffstategrad.posterior_benchmark.solvers import BatchedDiffStateGrad, solver_setup

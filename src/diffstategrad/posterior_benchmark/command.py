@@ -63,7 +63,7 @@ def _base_scales(items) -> dict:
 @click.option("--rank-rule", type=click.Choice(["reference", "per_channel"]), default="reference", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every draw (prior fit, ground truths, operators, noise, solvers, exact samples).")
 @click.option("--quick", is_flag=True, help="Tiny sizes (8x8 images, 3 components, 2 x 8 samples, few steps): a smoke run in seconds.")
-@click.option("--out", default="runs/benchmark-posterior", show_default=True, help="Output folder: results.json, table.txt, summary.md, one figure per task.")
+@click.option("--out", default="runs/benchmark-posterior", show_default=True, help="Output folder: results.json, table.txt / table.md, summary.md, sw_ratio.md, paired.md, one figure per task.")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results (config, solver settings, records) as JSON instead of the table.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -84,7 +84,14 @@ def posterior_command(solvers, tasks, shapes, noise_levels, multipliers, base_sc
       diffstategrad benchmark posterior --solvers dps --tasks box_inpainting --json
     """
     from diffstategrad.cli import UserError, _prepare_out
-    from diffstategrad.posterior_benchmark.report import format_summary, format_table, task_figures, to_json
+    from diffstategrad.posterior_benchmark.report import (
+        format_paired,
+        format_pivot,
+        format_summary,
+        format_table,
+        task_figures,
+        to_json,
+    )
     from diffstategrad.posterior_benchmark.run import run_benchmark
 
     try:
@@ -98,6 +105,8 @@ def posterior_command(solvers, tasks, shapes, noise_levels, multipliers, base_sc
     (out_dir / "table.txt").write_text(format_table(records) + "\n")
     (out_dir / "table.md").write_text(format_table(records, markdown=True) + "\n")
     (out_dir / "summary.md").write_text(format_summary(records, markdown=True) + "\n")
+    (out_dir / "sw_ratio.md").write_text(format_pivot(records, markdown=True) + "\n")
+    (out_dir / "paired.md").write_text(format_paired(records, markdown=True) + "\n")
     figures = task_figures(records, out_dir)
     if as_json:
         click.echo(to_json(results))
@@ -105,6 +114,8 @@ def posterior_command(solvers, tasks, shapes, noise_levels, multipliers, base_sc
     click.echo(format_table(records))
     click.echo()
     click.echo(format_summary(records))
+    click.echo()
+    click.echo(format_paired(records))
     click.echo(f"\n{len(records)} configurations in {results['seconds']:.0f} s; wrote {out_dir}/results.json, table.txt, "
                f"summary.md and {len(figures)} figures")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["random_directions", "sliced_wasserstein", "energy_distance"]
+__all__ = ["energy_distance", "random_directions", "sliced_wasserstein"]
 
 
 def random_directions(dim: int, count: int, seed: int) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MixturePosterior", "mixture_posterior", "dense_matrix", "prior_moments"]
+__all__ = ["MixturePosterior", "dense_matrix", "mixture_posterior", "prior_moments"]
 
 
 @dataclass

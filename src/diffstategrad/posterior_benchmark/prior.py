@@ -38,7 +38,7 @@ import torch
 from diffstategrad.images import list_examples, load_example
 from diffstategrad.priors.analytic import GaussianMixturePrior, GaussianPrior
 
-__all__ = ["PatchMixturePrior", "image_patches", "kmeans", "fit_patch_mixture"]
+__all__ = ["PatchMixturePrior", "fit_patch_mixture", "image_patches", "kmeans"]
 
 
 class PatchMixturePrior(GaussianMixturePrior):

@@ -7,7 +7,16 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["format_table", "summary_rows", "format_summary", "to_json", "task_figures"]
+__all__ = [
+    "format_paired",
+    "format_pivot",
+    "format_summary",
+    "format_table",
+    "paired_rows",
+    "summary_rows",
+    "task_figures",
+    "to_json",
+]
 
 COLUMNS = (
     ("shape", "shape", "{}"),
@@ -58,6 +67,21 @@ def format_table(records: list[dict], markdown: bool = False) -> str:
     return _render(header, rows, markdown)
 
 
+def format_pivot(records: list[dict], metric: str = "sw_ratio", fmt: str = "{:.2f}", markdown: bool = False) -> str:
+    """One row per (shape, task, noise, solver, with/without), one column per multiplier:
+    ``metric`` (default the sliced Wasserstein distance in units of its noise floor)."""
+    multipliers = sorted({r["multiplier"] for r in records})
+    rows, index = [], {}
+    for r in records:
+        key = (r["shape"], r["task"], r["noise_sigma"], r["solver"], r["diffstategrad"])
+        if key not in index:
+            index[key] = len(rows)
+            rows.append([_cell(v, f) for v, f in zip(key, ("{}", "{}", "{:g}", "{}", "{}"))] + ["-"] * len(multipliers))
+        rows[index[key]][5 + multipliers.index(r["multiplier"])] = _cell(r.get(metric), fmt)
+    header = ["shape", "task", "noise", "solver", "DSG"] + [f"x{m:g}" for m in multipliers]
+    return _render(header, rows, markdown)
+
+
 def summary_rows(records: list[dict]) -> list[dict]:
     """Per (solver, DiffStateGrad, multiplier), averaged over shapes, tasks and noise levels:
     SW in units of its floor (sw_ratio), the mean error, the correct-component mass minus the
@@ -67,9 +91,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
         groups[(r["solver"], r["diffstategrad"], r["multiplier"])].append(r)
     out = []
     for (solver, dsg, mult), rs in groups.items():
-        def mean(f):
-            values = [f(r) for r in rs]
-            return sum(values) / len(values)
+        def mean(f, rs=rs):
+            return sum(f(r) for r in rs) / len(rs)
 
         out.append({
             "solver": solver,
@@ -84,6 +107,42 @@ def summary_rows(records: list[dict]) -> list[dict]:
             "cells": len(rs),
         })
     return sorted(out, key=lambda r: (r["solver"], r["multiplier"], r["diffstategrad"]))
+
+
+def paired_rows(records: list[dict]) -> list[dict]:
+    """Per (solver, multiplier): with against without DiffStateGrad over the cells (shape, task,
+    noise) where both ran: the mean SW / floor of each, the number of cells where DiffStateGrad
+    is closer to the posterior, and the worst cell of each."""
+    by_key = {(r["shape"], r["task"], r["noise_sigma"], r["solver"], r["multiplier"], r["diffstategrad"]): r for r in records}
+    groups = defaultdict(list)
+    for (shape, task, noise, solver, mult, dsg), r in by_key.items():
+        other = by_key.get((shape, task, noise, solver, mult, False))
+        if dsg and other is not None:
+            groups[(solver, mult)].append((other, r))
+    out = []
+    for (solver, mult), pairs in sorted(groups.items()):
+        out.append({
+            "solver": solver,
+            "multiplier": mult,
+            "without": sum(a["sw_ratio"] for a, _ in pairs) / len(pairs),
+            "with": sum(b["sw_ratio"] for _, b in pairs) / len(pairs),
+            "cells_better": sum(b["sw"] < a["sw"] for a, b in pairs),
+            "cells": len(pairs),
+            "worst_without": max(a["sw_ratio"] for a, _ in pairs),
+            "worst_with": max(b["sw_ratio"] for _, b in pairs),
+            "off_manifold_without": sum(a["off_manifold"] / a["off_manifold_exact"] for a, _ in pairs) / len(pairs),
+            "off_manifold_with": sum(b["off_manifold"] / b["off_manifold_exact"] for _, b in pairs) / len(pairs),
+        })
+    return out
+
+
+def format_paired(records: list[dict], markdown: bool = False) -> str:
+    cols = (("solver", "solver", "{}"), ("multiplier", "mult", "{:g}"), ("without", "SW/floor without", "{:.2f}"),
+            ("with", "SW/floor with", "{:.2f}"), ("cells_better", "cells DSG closer", "{}"), ("cells", "of", "{}"),
+            ("worst_without", "worst without", "{:.2f}"), ("worst_with", "worst with", "{:.2f}"),
+            ("off_manifold_without", "off-man/exact without", "{:.2f}"), ("off_manifold_with", "off-man/exact with", "{:.2f}"))
+    rows = [[_cell(r[key], fmt) for key, _, fmt in cols] for r in paired_rows(records)]
+    return _render([title for _, title, _ in cols], rows, markdown)
 
 
 def format_summary(records: list[dict], markdown: bool = False) -> str:
@@ -114,7 +173,8 @@ def task_figures(records: list[dict], out_dir: Path) -> list[Path]:
     """One PNG per task: the sliced Wasserstein distance against the guidance multiplier, one
     panel per (shape, noise level), one colour per solver, solid with DiffStateGrad and dashed
     without; the grey band is the estimator's noise floor (mean +- one standard deviation over
-    the measurements)."""
+    the measurements); a cross marks configurations where half the samples or more failed (their
+    distances are those of the last finite states)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,8 +201,11 @@ def task_figures(records: list[dict], out_dir: Path) -> list[Path]:
                         line = sorted((r for r in cell if r["solver"] == solver and r["diffstategrad"] == dsg), key=lambda r: r["multiplier"])
                         xs = [r["multiplier"] for r in line]
                         ys = [r["sw"] if math.isfinite(r["sw"]) else float("nan") for r in line]
-                        ax.plot(xs, ys, style, marker="o", ms=3, color=colours[k % len(colours)],
-                                label=f"{solver}{' + DSG' if dsg else ''}")
+                        colour = colours[k % len(colours)]
+                        ax.plot(xs, ys, style, marker="o", ms=3, color=colour, label=f"{solver}{' + DSG' if dsg else ''}")
+                        failed = [(x, y) for x, y, r in zip(xs, ys, line) if r["failure_rate"] >= 0.5]
+                        if failed:
+                            ax.plot(*zip(*failed), "x", ms=8, mew=1.5, color=colour)
                 ax.set_xscale("log")
                 ax.set_yscale("log")
                 ax.set_title(f"{shape}, noise {noise:g}", fontsize=9)
@@ -152,7 +215,7 @@ def task_figures(records: list[dict], out_dir: Path) -> list[Path]:
                     ax.set_xlabel("guidance multiplier")
                 ax.tick_params(labelsize=8)
         axes[0][0].legend(fontsize=7, loc="best")
-        fig.suptitle(f"{task}: distance to the exact posterior (grey: noise floor)", fontsize=10)
+        fig.suptitle(f"{task}: distance to the exact posterior (grey: noise floor; x: half the samples or more failed)", fontsize=9)
         fig.tight_layout()
         path = out_dir / f"posterior_{task}.png"
         fig.savefig(path, dpi=90)

@@ -35,12 +35,24 @@ import torch
 from tqdm.auto import tqdm
 
 from diffstategrad.operators import load_task
-from diffstategrad.posterior_benchmark.distances import energy_distance, random_directions, sliced_wasserstein
-from diffstategrad.posterior_benchmark.exact import dense_matrix, mixture_posterior, prior_moments
+from diffstategrad.posterior_benchmark.distances import (
+    energy_distance,
+    random_directions,
+    sliced_wasserstein,
+)
+from diffstategrad.posterior_benchmark.exact import (
+    dense_matrix,
+    mixture_posterior,
+    prior_moments,
+)
 from diffstategrad.posterior_benchmark.prior import PatchMixturePrior, fit_patch_mixture
-from diffstategrad.posterior_benchmark.solvers import BatchedDiffStateGrad, SolverSetup, solver_setup
+from diffstategrad.posterior_benchmark.solvers import (
+    BatchedDiffStateGrad,
+    SolverSetup,
+    solver_setup,
+)
 
-__all__ = ["TASKS", "TASK_OVERRIDES", "BenchmarkConfig", "run_benchmark", "cell_seed"]
+__all__ = ["TASKS", "TASK_OVERRIDES", "BenchmarkConfig", "cell_seed", "run_benchmark"]
 
 TASKS = ("box_inpainting", "rand_inpainting", "super_resolution", "gaussian_deblur")
 # The Gaussian blur preset scaled to 16 px by the size rule has sigma 0.19 px: its off-centre
@@ -71,7 +83,7 @@ class BenchmarkConfig:
     base_scales: dict = field(default_factory=dict)
 
     @classmethod
-    def quick_config(cls, **overrides) -> "BenchmarkConfig":
+    def quick_config(cls, **overrides) -> BenchmarkConfig:
         """Tiny sizes for tests and smoke runs: 8x8 images, 3 components of rank 4, 2
         measurements of 8 samples, multipliers 1 and 10, few solver steps."""
         base = cls(shapes=((1, 8, 8), (3, 8, 8)), multipliers=(1.0, 10.0), measurements=2, samples=8, components=3, rank=4,

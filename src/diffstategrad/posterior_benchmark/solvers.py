@@ -38,11 +38,11 @@ from diffstategrad.presets import solver_defaults, solver_table
 from diffstategrad.projection import DiffStateGrad, StateBasis
 from diffstategrad.solvers import SOLVERS
 
-__all__ = ["BatchedDiffStateGrad", "SolverSetup", "solver_setup", "LATENT_SOLVERS", "DPS_BASE", "DAPS_BASE"]
+__all__ = ["DAPS_BASE", "DPS_BASE", "LATENT_SOLVERS", "BatchedDiffStateGrad", "SolverSetup", "solver_setup"]
 
 LATENT_SOLVERS = ("psld", "resample", "latent-daps")
 DPS_BASE = 1.0
-DAPS_BASE = 0.5
+DAPS_BASE = 1.5
 
 
 class BatchedDiffStateGrad(DiffStateGrad):
@@ -86,8 +86,8 @@ class SolverSetup:
 
 
 def _own_setups(quick: bool) -> dict:
-    dps = dict(steps=10 if quick else 100, sampler="ddpm", clip_x0=False)
-    daps = dict(steps=4 if quick else 25, ode_steps=2 if quick else 3, mcmc_steps=5 if quick else 20, clip_x0=False)
+    dps = {"steps": 10 if quick else 100, "sampler": "ddpm", "clip_x0": False}
+    daps = {"steps": 4 if quick else 25, "ode_steps": 2 if quick else 3, "mcmc_steps": 5 if quick else 20, "clip_x0": False}
     return {
         "dps": SolverSetup("dps", dps, DPS_BASE),
         "daps": SolverSetup("daps", daps, DAPS_BASE, "sigma_y^2", lambda sigma: {"tau": math.sqrt(2.0) * sigma}),

@@ -62,7 +62,7 @@ def _base_scales(items) -> dict:
 @click.option("--var-cutoff", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True, help="DiffStateGrad variance cutoff tau.")
 @click.option("--rank-rule", type=click.Choice(["reference", "per_channel"]), default="reference", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every draw (prior fit, ground truths, operators, noise, solvers, exact samples).")
-@click.option("--quick", is_flag=True, help="Tiny sizes (8x8 images, 3 components, 2 x 8 samples, few steps): a smoke run in seconds.")
+@click.option("--quick", is_flag=True, help="Tiny sizes (8x8 images, 3 components, 2 x 8 samples, few steps): a smoke run of about 20 s.")
 @click.option("--out", default="runs/benchmark-posterior", show_default=True, help="Output folder: results.json, table.txt / table.md, summary.md, sw_ratio.md, paired.md, one figure per task.")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results (config, solver settings, records) as JSON instead of the table.")
@@ -117,7 +117,7 @@ def posterior_command(solvers, tasks, shapes, noise_levels, multipliers, base_sc
     click.echo()
     click.echo(format_paired(records))
     click.echo(f"\n{len(records)} configurations in {results['seconds']:.0f} s; wrote {out_dir}/results.json, table.txt, "
-               f"summary.md and {len(figures)} figures")
+               f"table.md, summary.md, sw_ratio.md, paired.md and {len(figures)} figures")
 
 
 def _config(solvers, tasks, shapes, noise_levels, multipliers, base_scales, measurements, samples, var_cutoff, rank_rule, seed, quick):

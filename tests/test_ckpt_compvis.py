@@ -321,7 +321,8 @@ def test_convert_command_and_solve_with_the_folder(tmp_path, tiny_ldm):
     out = tmp_path / "solve"
     r = CliRunner().invoke(main, ["solve", "--task", "box_inpainting", "--solver", "psld", "--model", str(folder), "--steps", "3",
                                   "--size", "32", "--out", str(out), "--quiet"])
-    assert r.exit_code == 0, r.output
-    assert (out / "reconstruction.png").is_file()
+    # the tiny LDM has random weights: its reconstruction may be judged diverged (exit 3), but it must run and write
+    assert r.exit_code in (0, 3) and "Traceback" not in r.output, r.output
+    assert (out / "reconstruction.png").is_file() and (out / "metrics.json").is_file()
     bad = CliRunner().invoke(main, ["convert", "compvis-ldm", str(tmp_path / "missing.ckpt"), str(tmp_path / "x"), "--config", str(yaml_path)])
     assert bad.exit_code != 0 and "missing.ckpt" in bad.output and "Traceback" not in bad.output

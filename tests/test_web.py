@@ -188,7 +188,7 @@ def test_cancel_stops_the_job_at_the_next_step(engine):
 
 @pytest.mark.parametrize("changes, words", [
     ({"size": 36}, "image size 36"),                                            # the pixel model takes multiples of 8
-    ({"task": "nonlinear_deblur", "task_value": None}, "multiples of 128"),
+    ({"solver": "psld", "size": 36}, "image size 36"),                          # and so does the latent one
 ])
 def test_jobs_that_cannot_run_fail_in_one_line(engine, changes, words):
     with pytest.raises(JobError) as err:

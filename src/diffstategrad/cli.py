@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import re
 import signal
 import threading
@@ -22,82 +21,9 @@ from dataclasses import fields
 import click
 
 from diffstategrad import __version__
+from diffstategrad.cli_support import POSITIVE, FiniteFloat, NumberList, UserError, check_out, make_out, names, one_line
 
 EXIT_SOME_FAILED = 3
-
-
-class UserError(click.ClickException):
-    """An error the user can fix; printed as one line."""
-
-    def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True, file=file)
-
-
-def _one_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# Option types: numbers must be finite (and positive where a step size is asked for)
-# ---------------------------------------------------------------------------------------------
-
-
-class FiniteFloat(click.ParamType):
-    """A finite float, optionally > 0."""
-
-    def __init__(self, positive: bool = False):
-        self.positive = positive
-        self.name = "positive number" if positive else "number"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float) and math.isfinite(value) and (value > 0 or not self.positive):
-            return value
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(v):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        if self.positive and v <= 0:
-            self.fail(f"{value!r} must be positive", param, ctx)
-        return v
-
-
-class NumberList(click.ParamType):
-    """Comma-separated numbers (finite; positive for step sizes; integers for seeds)."""
-
-    def __init__(self, cast=float, positive: bool = False):
-        self.cast, self.positive = cast, positive
-        self.name = "list"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, list):
-            return value
-        items = [v.strip() for v in str(value).split(",") if v.strip()]
-        if not items:
-            self.fail("is empty", param, ctx)
-        out = []
-        for item in items:
-            try:
-                v = self.cast(item)
-            except ValueError:
-                self.fail(f"takes comma-separated {'integers' if self.cast is int else 'numbers'}, got {item!r}", param, ctx)
-            if self.cast is float and not math.isfinite(v):
-                self.fail(f"{item!r} is not a finite number", param, ctx)
-            if self.positive and v <= 0:
-                self.fail(f"{item!r} must be positive", param, ctx)
-            out.append(v)
-        return out
-
-
-POSITIVE = FiniteFloat(positive=True)
-
-
-def _names(text: str, option: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    if not values:
-        raise UserError(f"{option} is empty")
-    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +63,7 @@ def projector_options(command):
         try:
             projector = cls(**config)
         except (TypeError, ValueError) as exc:
-            raise UserError(f"DiffStateGrad: {_one_line(exc)}") from None
+            raise UserError(f"DiffStateGrad: {one_line(exc)}") from None
         return command(projector=projector, **kwargs)
 
     for f in reversed(specs):
@@ -156,43 +82,6 @@ def projector_options(command):
         wrapper = click.option(f"--{f.name.replace('_', '-')}", f"projector_{f.name}", type=kind, default=default,
                                show_default=default is not None, help=help_text)(wrapper)
     return wrapper
-
-
-# ---------------------------------------------------------------------------------------------
-# Output folders
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_out(out: str, *, overwrite: bool = False, resume: bool = False):
-    """The output folder as a Path, after checking (without creating anything) that it can be
-    used: not a file, writable, and (for ``solve``) empty unless ``overwrite``."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file, not a folder; give a folder path")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
-        raise UserError(f"output folder {path} exists and is not empty; pass --overwrite to replace its files")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"cannot create {path}: {existing} is a file")
-    try:  # the real test (os.access says yes to root, and knows nothing of read-only mounts)
-        os.rmdir(tempfile.mkdtemp(prefix=".diffstategrad-probe-", dir=existing))
-    except OSError as exc:
-        raise UserError(f"cannot write to {path}: {exc.strerror or exc} ({existing})") from None
-    return path
-
-
-def _make_out(path):
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {path}: {exc.strerror or exc}") from None
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +200,7 @@ def _load_input_image(image: str | None, size: int, channels: int):
     try:
         loaded = load_image(path, size, channels=channels)
     except (FileNotFoundError, IsADirectoryError, PermissionError, ImageError) as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
     return loaded.image, label, list(loaded.notes)
 
 
@@ -377,7 +266,7 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
     if no_dsg and compare:
         raise UserError("--no-diffstategrad and --compare exclude each other")
     overrides = _parse_options(task_options)
-    out_dir = _check_out(out or f"runs/solve-{task}-{solver}", overwrite=overwrite)
+    out_dir = check_out(out or f"runs/solve-{task}-{solver}", overwrite=overwrite)
     try:
         dev = resolve_device(device)
         preset = load_task(task, overrides or None)
@@ -387,7 +276,7 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
                   profile=defaults_profile(model_label))
         job.kwargs()
     except (PipelineError, ValueError, FileNotFoundError) as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
     if not spec.needs_prior:
         no_dsg, compare = True, False  # a classical solver has no guidance gradient to project
     size = size or default_size(prior)
@@ -404,7 +293,7 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
     try:
         preset.build(tuple(x.shape[1:]), seeds=[seed], device=dev)
     except (ValueError, FileNotFoundError) as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
     variants = {}
     if compare or no_dsg:
         variants["baseline"] = None
@@ -414,7 +303,7 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
     config = {"task": preset.to_dict(), "solver": solver, "diffstategrad": None if no_dsg else projector.to_dict(), "compare": compare,
               "model": model_label, "model_info": getattr(prior, "info", {}), "image": image_label, "image_notes": notes, "size": size,
               "seed": seed, "device": str(dev), "versions": _versions()}
-    write_solve_outputs(_make_out(out_dir), x, runs, job, config)
+    write_solve_outputs(make_out(out_dir), x, runs, job, config)
     for name, run in runs.items():
         m = run.metrics[0]
         lp = f"  LPIPS {m['lpips']:.3f}" if m.get("lpips") is not None else ""
@@ -504,7 +393,7 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     from diffstategrad.records import FolderInUseError, item_key
     from diffstategrad.solvers import solver_names
 
-    task_list, solver_list = _names(tasks, "--tasks"), _names(solvers, "--solvers")
+    task_list, solver_list = names(tasks, "--tasks"), names(solvers, "--solvers")
     for t in task_list:
         if t not in list_tasks():
             raise UserError(f"unknown task {t!r}; choose from {', '.join(list_tasks())}")
@@ -514,16 +403,16 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     try:
         resolve_device(device)
     except PipelineError as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
     image_files = _image_set(images)
-    out_dir = _check_out(out, resume=True)
+    out_dir = check_out(out, resume=True)
     context = EvalContext(images=image_files, solvers=tuple(solver_list), size=size, out=str(out_dir), steps=steps, samples=samples,
                           device=device, threads=threads, models={"pixel": model, "latent": latent_model},
                           projector=projector.to_dict(), lpips=lpips_net, task_overrides=_parse_options(task_options) or None)
     try:
-        store, lock = open_evaluation(_make_out(out_dir), context.settings())
+        store, lock = open_evaluation(make_out(out_dir), context.settings())
     except (FolderInUseError, EvaluationSettingsError) as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
     projector_modes = {"both": (False, True), "with": (True,), "without": (False,)}[dsg_mode]
     grid = make_grid(list(image_files), task_list, solver_list, guidance_multipliers, seeds, projector_modes)
     done_before = sum(it.key in store for it in grid)
@@ -536,7 +425,7 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
         click.echo(f"interrupted: {len(store)} records kept in {store.path}; re-run the command to resume", err=True)
         raise SystemExit(130) from None
     except (PipelineError, FileNotFoundError) as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
     finally:
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
@@ -677,9 +566,17 @@ def convert_command(format, checkpoint, out_dir, preset, config_path, weights, o
     try:
         out = convert(format, checkpoint, out_dir, overwrite=overwrite, **kwargs)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
     click.echo(f"wrote {out}")
 
+
+def _register_benchmarks() -> None:
+    from diffstategrad.posterior_benchmark.command import benchmark_group
+
+    main.add_command(benchmark_group)
+
+
+_register_benchmarks()
 
 if __name__ == "__main__":  # python -m diffstategrad.cli
     main()

@@ -144,7 +144,7 @@ def load_prior_from(path: str):
     .safetensors or a converted (shipped) folder."""
     from diffstategrad.priors.base import DiffusionPrior, as_timesteps
     from diffstategrad.schedules import make_schedule
-    from diffstategrad.train import load_checkpoint_model, load_exported
+    from diffstategrad.training import load_checkpoint_model, load_exported
 
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file():

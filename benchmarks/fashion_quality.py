@@ -65,7 +65,7 @@ def load_prior(path: str, which: str = "ema"):
     from diffstategrad.priors.builtin import BuiltinPixelPrior
     from diffstategrad.priors.converted import load_converted
     from diffstategrad.schedules import make_schedule
-    from diffstategrad.train import load_checkpoint_model
+    from diffstategrad.training import load_checkpoint_model
 
     p = Path(path)
     if (p / "config.json").is_file():

@@ -15,7 +15,7 @@
 # Put a folder back together on the other side (join_shards checks every tensor against the
 # digest that the shards carry):
 #   mkdir -p FOLDER && cp TRANSFER/pixel.config.json FOLDER/config.json
-#   python -m diffstategrad.train join-shards FOLDER/model.safetensors TRANSFER/pixel.part*.safetensors
+#   python -m diffstategrad.training join-shards FOLDER/model.safetensors TRANSFER/pixel.part*.safetensors
 #   python -c "from diffstategrad.priors import load_prior; print(load_prior('converted', 'FOLDER'))"
 #
 # Timing. Each stage stops itself after its time box (--max-minutes, counted from the start of
@@ -70,7 +70,7 @@ TRANSFER=${3:-$OUT/transfer}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-TRAIN="$PYTHON -m diffstategrad.train"
+TRAIN="$PYTHON -m diffstategrad.training"
 mkdir -p "$OUT/runs" "$OUT/export" "$TRANSFER"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/timings.txt"; }
@@ -144,7 +144,7 @@ if has export; then
   $PYTHON - "$OUT" "$TRANSFER" "$DEVICE" <<'EOF' || { stamp "check: FAILED"; failed="$failed check"; }
 import glob, os, shutil, sys, tempfile, torch
 from diffstategrad.priors import load_prior
-from diffstategrad.train import join_shards
+from diffstategrad.training import join_shards
 out, transfer, device = sys.argv[1:4]
 for name in ("pixel", "latent"):
     parts = sorted(glob.glob(os.path.join(transfer, f"{name}.part*.safetensors")))

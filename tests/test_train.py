@@ -21,8 +21,7 @@ from diffstategrad.data import RandomCrops
 from diffstategrad.priors import load_prior
 from diffstategrad.priors.small_autoencoder import TINY_AUTOENCODER_CONFIG
 from diffstategrad.priors.unet import TINY_UNET_CONFIG
-from diffstategrad.train import (
-    CHECKPOINT_FORMAT,
+from diffstategrad.training import (
     Trainer,
     autoencoder_settings,
     export_builtin,
@@ -35,6 +34,7 @@ from diffstategrad.train import (
     pixel_settings,
     split_shards,
 )
+from diffstategrad.training.checkpoints import CHECKPOINT_FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_export_writes_loadable_safetensors(tiny_data, tmp_path):
 def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "diffstategrad.train", "pixel", "--data", str(tiny_data), "--out", str(run), "--tiny",
+    cmd = [sys.executable, "-m", "diffstategrad.training", "pixel", "--data", str(tiny_data), "--out", str(run), "--tiny",
            "--crop", "16", "--batch", "2", "--steps", "100000", "--log-every", "1", "--snapshot-every", "0", "--no-bf16"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
@@ -151,7 +151,7 @@ def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
 
 
 def test_worker_processes_give_the_same_batches(tiny_data):
-    from diffstategrad.train import PixelTask
+    from diffstategrad.training import PixelTask
 
     settings = _settings(tiny_data, 3)
     inline = PixelTask(settings).batches(2)
@@ -361,7 +361,7 @@ def test_shards_round_trip(tmp_path):
 
 
 def test_command_line_chain(tiny_data, tmp_path):
-    from diffstategrad.train import main
+    from diffstategrad.training.cli import main
 
     def cli(*args):
         with pytest.raises(SystemExit) as exc:
@@ -375,7 +375,7 @@ def test_command_line_chain(tiny_data, tmp_path):
     cli("export-builtin", tmp_path / "latent", "--out", tmp_path / "latent-folder")
     prior = load_prior("converted", tmp_path / "latent-folder")
     info = prior.info
-    assert info["command"].startswith("python -m diffstategrad.train latent --out ")
+    assert info["command"].startswith("python -m diffstategrad.training latent --out ")
     assert info["max_minutes"] == 0.0001 and info["autoencoder"]["export"].endswith("autoencoder.safetensors")
     with pytest.raises(SystemExit) as exc:
         main(["latent", "--out", str(tmp_path / "x"), "--autoencoder", str(tmp_path / "ae"), "--data", str(tiny_data),

@@ -163,9 +163,9 @@ def load_builtin(name: str | None = None, kind: str = "pixel", device=None) -> D
 
 
 register_format(BuiltinPixelPrior.format_name, BuiltinPixelPrior.from_spec,
-                description="a pixel UNet trained by diffstategrad.train (epsilon or EDM-preconditioned)")
+                description="a pixel UNet trained by diffstategrad.training (epsilon or EDM-preconditioned)")
 register_format(BuiltinLatentPrior.format_name, BuiltinLatentPrior.from_spec,
-                description="a latent UNet + small autoencoder trained by diffstategrad.train")
+                description="a latent UNet + small autoencoder trained by diffstategrad.training")
 register_prior("builtin", load_builtin, "a model shipped with the package: load_prior('builtin'[, NAME]) (pixel by default)")
 register_prior("builtin-latent", lambda name=None, device=None: load_builtin(name, kind="latent", device=device),
                "the shipped latent model: load_prior('builtin-latent'[, NAME])")

@@ -27,6 +27,8 @@ CASES = {
     "psld": dict(steps=6, guidance_scale=0.5),
     "resample": dict(steps=30, pixel_iters=5, latent_iters=5, early_stop_window=2),
     "resample-reference": dict(solver="resample", setting="reference", steps=30, pixel_iters=5, latent_iters=5, early_stop_window=2),
+    # loss_tol 0.2 makes the inner loops' stop fire (sample 1): pins the official step-then-stop order
+    "resample-reference-stop": dict(solver="resample", setting="reference", steps=30, pixel_iters=5, latent_iters=5, early_stop_window=2, loss_tol=0.2),
     "daps": dict(steps=4, mcmc_steps=3, guidance_scale=1e-5),
     "latent-daps": dict(steps=4, mcmc_steps=3, guidance_scale=1e-4),
     "diffpir": dict(steps=6, guidance_scale=10.0, data_iters=3),
@@ -72,6 +74,8 @@ GOLDEN = {
     "resample/diffstategrad": {'slice': [0.364974, 0.874537, 0.321037, 0.067972, -0.834046, -0.488704, -0.227775, -0.243632, -0.259267], 'residual': [2.464718, 1.724962]},
     "resample-reference/plain": {'slice': [0.370401, 0.875223, 0.320916, 0.054078, -0.83406, -0.486848, -0.233945, -0.248607, -0.255643], 'residual': [2.447632, 1.714245]},
     "resample-reference/diffstategrad": {'slice': [0.370096, 0.87405, 0.322078, 0.065356, -0.832712, -0.485848, -0.226762, -0.245287, -0.257729], 'residual': [2.465522, 1.733503]},
+    "resample-reference-stop/plain": {'slice': [0.374862, 0.877657, 0.326079, 0.062844, -0.836399, -0.486596, -0.226917, -0.250184, -0.2535], 'residual': [2.447632, 1.766742]},
+    "resample-reference-stop/diffstategrad": {'slice': [0.375079, 0.876506, 0.327248, 0.065835, -0.83506, -0.48557, -0.224561, -0.246891, -0.255567], 'residual': [2.465522, 1.770989]},
 }
 # fmt: on
 

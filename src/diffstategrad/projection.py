@@ -319,7 +319,6 @@ class DiffStateGrad:
     svd: str = "auto"
     lowrank_q: int = 64
     svd_device: str = "auto"
-    last_ranks: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not 0.0 < float(self.var_cutoff) <= 1.0:
@@ -342,9 +341,7 @@ class DiffStateGrad:
     # -- configuration ---------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("last_ranks")
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, config: dict) -> "DiffStateGrad":
@@ -429,7 +426,6 @@ class DiffStateGrad:
             ranks = np.minimum(np.maximum(ranks, min(self.min_rank, cap)), cap)
         R = int(ranks.max()) if B else 0
         ranks = torch.from_numpy(ranks)
-        self.last_ranks = ranks
         if backend == "gram":
             E_r = E[..., :R]
             other = _gram_other_side(z64, E_r, energy, ranks, tall)

@@ -28,9 +28,11 @@ Two settings (``setting=``):
 - ``"reference"`` reproduces the official constants and quirks (Anima-Lab/DiffStateGrad
   ``ldm/models/diffusion/diffstategrad_ddim.py`` at c2a6a11, itself soominkwon/resample): the
   "pseudo" x0 = (z - (1 - a) eps) / sqrt(a) everywhere, the network timestep one DDIM step below
-  the alpha index in time travel, alpha_bar_prev of the last step = alpha_bar(0).
+  the alpha index in time travel, alpha_bar_prev of the last step = alpha_bar(0), and the inner
+  loops' order: each AdamW step is taken before its stop test (a stop returns one step more).
 - ``"default"`` fixes the quirks (the standard Tweedie x0, consistent timesteps, a final step to
-  alpha_bar = 1) and keeps every constant as a parameter.
+  alpha_bar = 1, the stop test before the step, so a stopped sample keeps the iterate its rule
+  judged) and keeps every constant as a parameter.
 
 ``guidance_scale`` multiplies both AdamW learning rates (1.0 = the official 1e-2 / 5e-3): the
 step size of the gradient DiffStateGrad projects.
@@ -72,10 +74,11 @@ class ReSampleConfig:
     pseudo_x0: bool = False  # reference quirk: (z - (1 - a) eps) / sqrt(a)
     time_travel_offset: bool = False  # reference quirk: network timestep one DDIM step below the alpha index
     last_alpha_prev_is_t0: bool = False  # reference: alpha_bar_prev of DDIM index 0 is alpha_bar(0), not 1
+    step_then_stop: bool = False  # reference order: take the AdamW step, then test the stop rules on the loss before it
 
 
 DEFAULT = ReSampleConfig()
-REFERENCE = replace(DEFAULT, pseudo_x0=True, time_travel_offset=True, last_alpha_prev_is_t0=True)
+REFERENCE = replace(DEFAULT, pseudo_x0=True, time_travel_offset=True, last_alpha_prev_is_t0=True, step_then_stop=True)
 
 
 def hdc_stage(index: int, num_steps: int, hdc_every: int = 10, splits: int = 3) -> str | None:
@@ -112,22 +115,33 @@ def _optimize(variable: torch.Tensor, loss_fn, lr: float, iters: int, cfg: ReSam
     Each sample stops when its MSE falls below ``loss_tol`` or (latent stage) when its loss
     exceeds the loss ``early_stop_window`` iterations earlier; a stopped sample is frozen.
     AdamW is elementwise, so batching does not couple the samples.
+
+    Order of the stop test: with ``cfg.step_then_stop`` (the reference profile) the iteration
+    takes its AdamW step and then tests the loss computed before that step, as the official
+    loops do, so a stop at iteration k returns the iterate after k + 1 steps. Otherwise (the
+    default profile) the test comes first and a stopped sample keeps the iterate whose loss met
+    the rule: the returned variable is the one the rule judged.
     """
     x = variable.detach().clone().requires_grad_(True)
     opt = torch.optim.AdamW([x], lr=lr, weight_decay=cfg.weight_decay)
     B = x.shape[0]
     active = torch.ones(B, dtype=torch.bool, device=x.device)
     losses = []
+
+    def stop_rule(it: int, loss: torch.Tensor) -> torch.Tensor:
+        done = loss < cfg.loss_tol
+        if early_stop and it >= cfg.early_stop_window:
+            done |= loss > losses[it - cfg.early_stop_window]
+        losses.append(loss)
+        return done
+
     for it in range(iters):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(x)  # (B,)
-        done = loss.detach() < cfg.loss_tol
-        if early_stop and it >= cfg.early_stop_window:
-            done |= loss.detach() > losses[it - cfg.early_stop_window]
-        losses.append(loss.detach())
-        active &= ~done
-        if not active.any():
-            break
+        if not cfg.step_then_stop:
+            active &= ~stop_rule(it, loss.detach())
+            if not active.any():
+                break
         loss.sum().backward()
         if projector is not None and projector.applies_at(it):
             x.grad = projector.project(x.grad, basis)  # DiffStateGrad, once per inner iteration
@@ -136,6 +150,10 @@ def _optimize(variable: torch.Tensor, loss_fn, lr: float, iters: int, cfg: ReSam
         if frozen.numel():
             with torch.no_grad():
                 x[~active] = frozen
+        if cfg.step_then_stop:
+            active &= ~stop_rule(it, loss.detach())
+            if not active.any():
+                break
     return x.detach()
 
 

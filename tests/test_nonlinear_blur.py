@@ -217,7 +217,17 @@ def test_image_size_checks(tiny_checkpoint):
         with pytest.raises(ValueError, match="multiples of 128"):
             op(torch.zeros(1, 3, *size))
     with pytest.raises(ValueError, match="3-channel"):
-        op(torch.zeros(1, 1, 128, 128))
+        op(torch.zeros(1, 2, 128, 128))
+
+
+def test_a_gray_image_is_blurred_as_its_gray_rgb_image(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    op = NonlinearBlur(load_kernel_wizard(path, TINY))
+    gray = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = op(gray)
+    assert y.shape == (2, 1, 128, 128)
+    rgb = op.network.adapt_kernel((gray.repeat(1, 3, 1, 1) + 1) / 2, op.code_for(gray))
+    torch.testing.assert_close(y, (rgb.mean(1, keepdim=True) * 2 - 1).clamp(-1, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_finite_differences(tiny_checkpoint):

@@ -324,13 +324,29 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
 def _image_set(images: str | None) -> dict[str, str]:
     """name -> file for a folder of images, a single file, or a built-in set: ``examples`` (the
     bundled photographs), ``heldout`` / ``tune`` (the held-out / tuning photographs of the
-    prepared data folder) or ``fashion-test`` (held-out Fashion-MNIST test images)."""
+    prepared data folder), ``fashion-test[:N]`` (the first N, default 200, of the held-out
+    Fashion-MNIST test images, written once as PNG files to the cache) or ``fashion-examples``
+    (the eight test images shipped in the package)."""
     from pathlib import Path
 
     from diffstategrad.images import example_path, list_examples
 
     if images in (None, "examples"):
         return {name: str(example_path(name)) for name in list_examples()}
+    if images == "fashion-examples":
+        from diffstategrad.images import fashion_examples
+
+        return {p.stem: str(p) for p in fashion_examples()}
+    if images.startswith("fashion-test"):
+        from diffstategrad.data import fashion_image_files
+
+        count = images.partition(":")[2] or "200"
+        if not count.isdigit() or int(count) < 1:
+            raise UserError(f"--images {images}: write fashion-test or fashion-test:N with N a positive integer")
+        try:
+            return {p.stem: str(p) for p in fashion_image_files(int(count), "test")}
+        except (FileNotFoundError, ValueError) as exc:
+            raise UserError(f"--images {images}: {one_line(exc)}") from None
     if images in ("heldout", "tune"):
         from diffstategrad.data import default_data_dir
 
@@ -342,7 +358,8 @@ def _image_set(images: str | None) -> dict[str, str]:
     if path.is_file():
         return {path.stem: str(path)}
     if not path.is_dir():
-        raise UserError(f"--images {images}: no such folder or file (or use 'examples', 'heldout' or 'tune')")
+        raise UserError(f"--images {images}: no such folder or file (or use 'examples', 'heldout', 'tune', 'fashion-test[:N]' "
+                        "or 'fashion-examples')")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"))
     if not files:
         raise UserError(f"--images {images}: the folder holds no images")
@@ -355,7 +372,7 @@ def _terminate_as_interrupt(signum, frame):
 
 
 @main.command("evaluate")
-@click.option("--images", default="examples", show_default=True, help="A folder of images, one image, or 'examples', 'heldout', 'tune'.")
+@click.option("--images", default="examples", show_default=True, help="A folder of images, one image, or 'examples', 'heldout', 'tune', 'fashion-test[:N]' (the first N held-out Fashion-MNIST test images, default 200), 'fashion-examples'.")
 @click.option("--tasks", required=True, help="Comma-separated task presets.")
 @click.option("--solvers", default="dps", show_default=True, help="Comma-separated solvers: " + _solver_help() + ".")
 @click.option("--guidance-multipliers", "--guidance-scales", "guidance_multipliers", default="1", show_default=True,
@@ -507,7 +524,7 @@ def serve_command(host, port, device, concurrency, threads, max_upload_mb, max_m
 
 
 @main.command("models")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (name, kind, parameters, ...); the first pixel and first latent entries are the defaults.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (name, kind, parameters, ...); the defaults are the first pixel and the first latent entries whose info does not say default: false.")
 def models_command(as_json: bool):
     """List the built-in models with their size, resolution rule and training summary; each
     loads by its name (load_prior("NAME"), --model NAME)."""

@@ -60,6 +60,8 @@ import torch
 from PIL import Image, ImageOps
 
 __all__ = [
+    "fashion_cache_dir",
+    "fashion_image_files",
     "OPENCV_PHOTOS",
     "SKIMAGE_PHOTOS",
     "VALIDATION_IMAGES",
@@ -1135,6 +1137,34 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     if labels:
         return images, _read_idx(folder / FASHION_MNIST_LABEL_FILES[split])
     return images
+
+
+def fashion_cache_dir() -> Path:
+    """Where Fashion-MNIST images written as files live: $DIFFSTATEGRAD_CACHE/fashion-mnist, else
+    ~/.cache/diffstategrad/fashion-mnist."""
+    return Path(os.environ.get("DIFFSTATEGRAD_CACHE", "~/.cache/diffstategrad")).expanduser() / "fashion-mnist"
+
+
+def fashion_image_files(count: int, split: str = "test", root: str | os.PathLike | None = None,
+                        folder: str | os.PathLike | None = None) -> list[Path]:
+    """The first ``count`` images of a Fashion-MNIST split (32x32 after padding) as grayscale PNG
+    files ``{split}-00000.png`` ... in ``folder`` (default: ``fashion_cache_dir() / split``), so
+    that the file-based commands (``evaluate --images fashion-test:N``) read them. Files already
+    there with the right content are kept; each is written atomically."""
+    images = load_fashion_mnist(split, root)
+    if not 1 <= count <= len(images):
+        raise ValueError(f"the Fashion-MNIST {split} split holds {len(images)} images; asked for {count}")
+    folder = Path(folder) if folder is not None else fashion_cache_dir() / split
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{split}-{i:05d}.png"
+        if not path.is_file() or not np.array_equal(np.asarray(Image.open(path)), images[i]):
+            tmp = path.with_name(path.name + ".partial")
+            Image.fromarray(images[i], mode="L").save(tmp, format="PNG")
+            os.replace(tmp, path)
+        paths.append(path)
+    return paths
 
 
 def gray_to_model_range(array: np.ndarray) -> torch.Tensor:

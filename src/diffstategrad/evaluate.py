@@ -320,7 +320,9 @@ def robustness_figure(rows: list[dict], path: Path, metric: str = "psnr") -> Non
                 ax.errorbar(xs, ys, yerr=es, capsize=3, **style)
         for k, r in enumerate(r for r in rows if r["task"] == task and not _needs_prior(r["solver"])):
             ax.axhline(r[f"{metric}_mean"], color=f"C{k + 2}", ls="--", lw=1, label=r["solver"])
-        ax.set_xscale("log")
+        scales = [r["guidance_multiplier"] for r in rows if r["task"] == task and r["solver"] == solver]
+        ax.set_xscale("log")  # limits set from the grid: a panel whose points are all NaN (failed) still draws
+        ax.set_xlim(min(scales) / 1.5, max(scales) * 1.5)
         ax.set_title(f"{task} / {solver}", fontsize=10)
         ax.set_xlabel("guidance scale (x default)")
         ax.set_ylabel(metric.upper())

@@ -31,6 +31,7 @@ __all__ = [
     "ImageNotFoundError",
     "LoadedImage",
     "FITS",
+    "fashion_examples",
     "load_image",
     "resize_image",
     "to_tensor",
@@ -437,6 +438,16 @@ def example_path(name: str | None = None) -> Path:
     if not path.is_file():
         raise ImageNotFoundError(f"the bundled example {name!r} is missing from the installation ({path}); reinstall diffstategrad")
     return path
+
+
+def fashion_examples() -> list[Path]:
+    """The eight Fashion-MNIST test images shipped for demos (``examples/fashion/test-0000K.png``,
+    32x32 grayscale, the first eight of the held-out test split; MIT licence, examples/LICENSES.md)."""
+    folder = Path(str(importlib.resources.files("diffstategrad").joinpath("examples", "fashion")))
+    files = sorted(folder.glob("test-*.png")) if folder.is_dir() else []
+    if not files:
+        raise ImageNotFoundError(f"the bundled Fashion-MNIST examples are missing from the installation ({folder}); reinstall diffstategrad")
+    return files
 
 
 def load_example(name: str | None = None, size: int | Sequence[int] | None = 256, *, channels: int = 3) -> torch.Tensor:

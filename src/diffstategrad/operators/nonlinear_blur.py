@@ -568,10 +568,17 @@ class NonlinearBlur(Operator):
         return code.to(device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The blurred image. A one-channel (grayscale) image on an RGB network is blurred as the
+        gray RGB image (the channel repeated) and the result's channels averaged back to one."""
         check_image_batch(x)
-        if x.shape[1] != self.network.config.input_nc:
-            raise ValueError(f"the blur network takes {self.network.config.input_nc}-channel images, got {x.shape[1]}")
-        blurred = self.network.adapt_kernel((x + 1.0) / 2.0, self.code_for(x))
+        nc = self.network.config.input_nc
+        gray = x.shape[1] == 1 and nc == 3
+        if x.shape[1] != nc and not gray:
+            raise ValueError(f"the blur network takes {nc}-channel (or one-channel) images, got {x.shape[1]}")
+        inp = x.expand(-1, 3, -1, -1) if gray else x
+        blurred = self.network.adapt_kernel((inp + 1.0) / 2.0, self.code_for(x))
+        if gray:
+            blurred = blurred.mean(1, keepdim=True)
         return (blurred * 2.0 - 1.0).clamp(-1.0, 1.0)
 
     def extra_repr(self) -> str:
@@ -593,8 +600,9 @@ def _scale(params: dict, size) -> dict:
 def _build(params: dict, image_shape, seeds) -> NonlinearBlur:
     network = load_blur_network(resolve_blur_network(params["weights"]))
     operator = NonlinearBlur(network, code_seed=params["code_seed"], code_scale=params["code_scale"], source=params.get("network", ""))
-    if image_shape[0] != operator.network.config.input_nc:
-        raise ValueError(f"nonlinear_blur takes {operator.network.config.input_nc}-channel images, got {image_shape[0]}")
+    nc = operator.network.config.input_nc
+    if image_shape[0] != nc and not (image_shape[0] == 1 and nc == 3):
+        raise ValueError(f"nonlinear_blur takes {nc}-channel (or one-channel) images, got {image_shape[0]}")
     return operator
 
 

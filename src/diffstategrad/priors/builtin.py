@@ -6,6 +6,10 @@ under ``diffstategrad/weights/<name>/``, loaded by name with no network:
     load_prior("builtin")               # the default pixel model
     load_prior("builtin", "pixel")      # by name
     load_prior("builtin-latent")        # the default latent model
+    load_prior("fashion")               # every shipped model also loads by its name
+
+A model whose info says ``"default": false`` (the Fashion-MNIST model, a domain model) loads
+only by name.
 
 Formats: ``builtin-pixel`` (an epsilon UNet on images) and ``builtin-latent`` (an epsilon UNet
 on the latents of a small autoencoder), both on the DDPM linear 1000-step VP schedule. The
@@ -128,7 +132,7 @@ class BuiltinLatentPrior(LatentDiffusionPrior):
 
 
 def list_builtin() -> list[dict]:
-    """The shipped models, pixel ones first: name, kind, parameters, size rule, path, info."""
+    """The shipped models, pixel ones first, the default of each kind first: name, kind, parameters, size rule, path, info."""
     from diffstategrad.priors.converted import CONFIG_FILE
 
     rows = []
@@ -142,7 +146,7 @@ def list_builtin() -> list[dict]:
         info = cfg.get("spec", {}).get("info", {})
         rows.append({"name": sub.name, "kind": kind, "parameters": int(info.get("parameters", 0)), "path": str(sub), "info": info,
                      "size_mb": round(sum(f.stat().st_size for f in sub.iterdir()) / 2**20, 2)})
-    rows.sort(key=lambda r: (r["kind"] != "pixel", r["name"]))
+    rows.sort(key=lambda r: (r["kind"] != "pixel", not r["info"].get("default", True), r["name"]))
     return rows
 
 
@@ -151,8 +155,8 @@ def load_builtin(name: str | None = None, kind: str = "pixel", device=None) -> D
     from diffstategrad.priors.converted import load_converted
 
     models = list_builtin()
-    if name is None:
-        candidates = [m for m in models if m["kind"] == kind]
+    if name is None:  # the default of a kind: the first whose info does not say default: false
+        candidates = [m for m in models if m["kind"] == kind and m["info"].get("default", True)]
         if not candidates:
             raise FileNotFoundError(f"no built-in {kind} model is shipped in {weights_dir()}")
         name = candidates[0]["name"]

@@ -97,6 +97,11 @@ def builtin_info(view: RunView, name: str) -> dict[str, Any]:
         "weights": "ema",
     }
     info["kind"] = s["mode"]
+    if s.get("dataset") == "fashion-mnist":
+        # a domain model: loaded by name, never the default for photographs; it was made for 32x32
+        info.update(default=False, image_size=int(s["crop"]), channels=int(unet.config["in_channels"]),
+                    description="Fashion-MNIST (60,000 training images, 28x28 zero-padded to 32x32, one channel); "
+                                "the 10,000 test images are held out")
     if s["mode"] == "pixel":
         info["size_multiple"] = unet.size_multiple
     else:

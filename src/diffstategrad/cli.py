@@ -381,7 +381,7 @@ def _terminate_as_interrupt(signum, frame):
 @click.option("--seeds", default="0", show_default=True, type=NumberList(int), help="Comma-separated seeds (mask / kernel, noise and solver draws).")
 @click.option("--samples", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Posterior samples per item; with more than one, the records score their mean too.")
-@click.option("--size", type=click.IntRange(8, 4096), default=64, show_default=True, help="Image side in pixels.")
+@click.option("--size", type=click.IntRange(8, 4096), default=None, help="Image side in pixels (default: the built-in --model's own size, 32 for fashion; else 64).")
 @click.option("--steps", type=click.IntRange(1, 100000), default=None, help="Solver steps (default: each preset's).")
 @click.option("--model", default=None, help="Pixel model for pixel solvers (built-in name or converted folder).")
 @click.option("--latent-model", default=None, help="Latent model for latent solvers (built-in name or converted folder).")
@@ -409,8 +409,10 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     from diffstategrad.pipeline import EvalContext, PipelineError, evaluate_items, resolve_device
     from diffstategrad.records import FolderInUseError, item_key
     from diffstategrad.solvers import solver_names
+    from diffstategrad.stats import paired_differences, paired_figure, write_paired
 
     task_list, solver_list = names(tasks, "--tasks"), names(solvers, "--solvers")
+    size = size or _model_size(model)
     for t in task_list:
         if t not in list_tasks():
             raise UserError(f"unknown task {t!r}; choose from {', '.join(list_tasks())}")
@@ -453,6 +455,10 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     write_summary(rows, out_dir)
     for metric in ("psnr", "ssim", "lpips"):
         robustness_figure(rows, out_dir / f"robustness_{metric}.png", metric)
+    paired = paired_differences(records, "psnr")
+    if paired:
+        write_paired(paired, out_dir, "psnr")
+        paired_figure(paired, out_dir / "paired_psnr.png", "psnr")
     _image_grid(records, out_dir)
     click.echo((out_dir / "summary.md").read_text())
     click.echo(f"wrote {out_dir}")
@@ -460,6 +466,15 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     if failed:
         click.echo(f"{failed} of {len(records)} items failed (diverged); see the failure_rate column", err=True)
         raise SystemExit(EXIT_SOME_FAILED)
+
+
+def _model_size(model: str | None) -> int:
+    """The image side an evaluation uses by default: a built-in model's own (its info's
+    image_size: 32 for fashion), else 64."""
+    from diffstategrad.priors.builtin import list_builtin
+
+    info = next((m["info"] for m in list_builtin() if m["name"] == model), {}) if model else {}
+    return int(info.get("image_size", 64))
 
 
 def _image_grid(records, out_dir) -> None:

@@ -196,7 +196,8 @@ def _compiled(prior, name: str, fn: Callable, config: NetworkConfig) -> Callable
 
 def run_network(prior, name: str, fn: Callable, x: torch.Tensor, args: tuple, kwargs: dict):
     """One network pass ``fn(prior, x, *args, **kwargs)`` under the prior's configuration (called
-    by the wrapped ``eps`` / ``eps_and_variance`` / ``encode`` / ``decode`` of every prior)."""
+    by the wrapped ``eps`` / ``eps_and_variance`` / ``encode`` / ``decode`` of every prior, which
+    counts the pass and marks the prior active around it, so nested calls run plainly)."""
     global _WARNED_FP16
     config = prior._network_config
     if name in ("encode", "decode") and not config.autoencoder:
@@ -208,15 +209,11 @@ def run_network(prior, name: str, fn: Callable, x: torch.Tensor, args: tuple, kw
     if config.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     call = _compiled(prior, name, fn, config)
-    prior._network_active = True
-    try:
-        out = _cast(call(prior, config.precision, device_type, x, *args, **kwargs), x.dtype)
-        if config.precision == "fp16" and not _finite(out):
-            if not _WARNED_FP16:
-                warnings.warn(f"{type(prior).__name__}.{name}: the fp16 network pass overflowed; redone in fp32 "
-                              "(warned once; bf16 has the float32 range)", RuntimeWarning, stacklevel=3)
-                _WARNED_FP16 = True
-            out = _cast(fn(prior, x, *args, **kwargs), x.dtype)
-    finally:
-        prior._network_active = False
+    out = _cast(call(prior, config.precision, device_type, x, *args, **kwargs), x.dtype)
+    if config.precision == "fp16" and not _finite(out):
+        if not _WARNED_FP16:
+            warnings.warn(f"{type(prior).__name__}.{name}: the fp16 network pass overflowed; redone in fp32 "
+                          "(warned once; bf16 has the float32 range)", RuntimeWarning, stacklevel=3)
+            _WARNED_FP16 = True
+        out = _cast(fn(prior, x, *args, **kwargs), x.dtype)
     return out

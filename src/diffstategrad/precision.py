@@ -43,7 +43,8 @@ Precisions (``PRECISIONS``):
 layout, not a precision) and the network's input to ``torch.channels_last``; ``compile=True``
 compiles the network pass with ``torch.compile`` (inductor; a string picks another backend,
 e.g. ``"aot_eager"`` to check that a model traces). Both change speed, not the maths (to float
-rounding).
+rounding). A compiled pass gets an integer timestep as the (B,) int64 tensor the priors make of
+it (``as_timesteps``), so one graph serves every step instead of one compilation per timestep.
 """
 
 from __future__ import annotations
@@ -178,6 +179,12 @@ def _finite(out) -> bool:
 _WARNED_FP16 = False
 
 
+def _python_int(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _compiled(prior, name: str, fn: Callable, config: NetworkConfig) -> Callable:
     """``fn`` (an unbound prior method), with its precision context, compiled once per prior
     and method when ``config.compile`` is set."""
@@ -208,6 +215,11 @@ def run_network(prior, name: str, fn: Callable, x: torch.Tensor, args: tuple, kw
         prior._network_device_type = device_type
     if config.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
+    if config.compile and name in ("eps", "eps_and_variance") and args and _python_int(args[0]):
+        # a Python-int timestep is a constant to dynamo: every new value would recompile (and past
+        # the recompile limit fall back to eager); as the (B,) tensor every prior's as_timesteps
+        # makes of it, one graph serves every step
+        args = (torch.full((x.shape[0],), int(args[0]), dtype=torch.long, device=x.device), *args[1:])
     call = _compiled(prior, name, fn, config)
     out = _cast(call(prior, config.precision, device_type, x, *args, **kwargs), x.dtype)
     if config.precision == "fp16" and not _finite(out):

@@ -235,3 +235,17 @@ def test_device_list_errors_are_one_line(tiny_model, tmp_path, extra, message):
         return
     _one_line_error(r)
     assert message in r.output and "--device" in r.output and not out.exists()
+
+
+def test_devices_on_a_local_ray_instance_give_the_same_records(tiny_model, tmp_path):
+    pytest.importorskip("ray")
+    args = ["evaluate", "--images", "examples", "--tasks", "hdr", "--solvers", "dps", "--steps", "2", "--size", "16", "--lpips", "none",
+            "--quiet", "--model", tiny_model]
+    assert _run([*args, "--device", "cpu", "--out", str(tmp_path / "one")]).exit_code in (0, 3)
+    assert _run([*args, "--devices", "cpu,cpu", "--ray", "local", "--out", str(tmp_path / "ray")]).exit_code in (0, 3)
+
+    def load(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "records.jsonl").read_text().splitlines()]
+        return {(r["image"], r["diffstategrad"]): {k: v for k, v in r.items() if k not in MEASURED} for r in rows}
+
+    assert load("one") == load("ray") and len(load("one")) == 6

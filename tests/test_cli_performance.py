@@ -249,3 +249,58 @@ def test_devices_on_a_local_ray_instance_give_the_same_records(tiny_model, tmp_p
         return {(r["image"], r["diffstategrad"]): {k: v for k, v in r.items() if k not in MEASURED} for r in rows}
 
     assert load("one") == load("ray") and len(load("one")) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+# ---------------------------------------------------------------------------------------------
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_cuda_precision_paths_through_solve_within_their_psnr_tolerance(tiny_model, tmp_path):
+    """The same fixed problem on the GPU: every reduced precision within 0.5 dB of fp32, the
+    layout and compile paths within 0.01 dB; peak memory is CUDA's max allocated."""
+    paths = {"tf32": 0.5, "fp16": 0.5, "channels-last": 0.01}
+    if torch.cuda.get_device_capability() < (8, 0):
+        paths.pop("tf32")
+    if torch.cuda.is_bf16_supported():
+        paths["bf16"] = 0.5
+
+    def solve(name):
+        extra = ["--channels-last"] if name == "channels-last" else ([] if name == "fp32" else ["--precision", name])
+        out = tmp_path / name
+        r = _run([*SOLVE, "--model", tiny_model, "--device", "cuda", "--out", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads((out / "metrics.json").read_text())
+
+    ref = solve("fp32")
+    assert ref["peak_memory_kind"] == "cuda_max_allocated" and ref["peak_memory_mb"] > 0 and ref["device"].startswith("cuda")
+    for name, tolerance in paths.items():
+        metrics = solve(name)
+        assert abs(metrics["psnr"] - ref["psnr"]) < tolerance, (name, metrics["psnr"], ref["psnr"])
+        assert metrics["network_calls"] == 4
+
+
+@CUDA
+def test_two_workers_on_cuda_give_the_records_of_one(tiny_model, tmp_path):
+    """--devices cuda:0,cuda:0 (or cuda:0,cuda:1 where there are two GPUs) against --device
+    cuda:0. Within 1e-3 dB rather than bit for bit: cuDNN's convolution backward (DPS's VJP)
+    may use atomics, which reorder float sums from run to run even on one device."""
+    devices = "cuda:0,cuda:1" if torch.cuda.device_count() > 1 else "cuda:0,cuda:0"
+    args = ["evaluate", "--images", "examples", "--tasks", "hdr", "--solvers", "dps", "--seeds", "0,1", "--steps", "3", "--size", "16",
+            "--lpips", "none", "--batch", "2", "--quiet", "--model", tiny_model]
+    assert _run([*args, "--device", "cuda:0", "--out", str(tmp_path / "one")]).exit_code in (0, 3)
+    assert _run([*args, "--devices", devices, "--out", str(tmp_path / "two")]).exit_code in (0, 3)
+
+    def load(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "records.jsonl").read_text().splitlines()]
+        return {(r["image"], r["diffstategrad"], r["seed"]): r for r in rows}
+
+    one, two = load("one"), load("two")
+    assert one.keys() == two.keys() and len(one) == 3 * 2 * 2
+    for key in one:
+        assert abs(one[key]["psnr"] - two[key]["psnr"]) < 1e-3 and one[key]["network_calls"] == two[key]["network_calls"] == 3
+        assert two[key]["peak_memory_kind"] == "cuda_max_allocated"
+    assert {r["device"] for r in two.values()} == set(devices.split(","))

@@ -387,7 +387,7 @@ def _terminate_as_interrupt(signum, frame):
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
 @click.option("--devices", default=None, metavar="DEV,DEV,...",
               help="One worker per device, e.g. cuda:0,cuda:1 (cpu,cpu: two CPU workers); the records are those one device gives. "
-                   "With --ray: that many tasks at a time, one GPU each.")
+                   "With --ray: that many tasks at a time, one GPU each for CUDA devices.")
 @network_options
 @click.option("--out", required=True, help="Output folder (re-running the same command resumes it).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -5,7 +5,9 @@ pass of a prior run in the requested mode, for every solver at once: the hook is
 :class:`~diffstategrad.priors.base.DiffusionPrior`, whose subclasses' ``eps`` and
 ``eps_and_variance`` (and, on request, a latent prior's ``encode`` / ``decode``) are wrapped
 when the class is defined (``DiffusionPrior.__init_subclass__``). ``x0``, ``score`` and
-``denoise`` go through ``eps``, so DPS, PSLD, ReSample and (latent) DAPS all see it.
+``denoise`` go through ``eps``, so DPS, PSLD, ReSample and (latent) DAPS all see it. The CLI's
+``--precision`` / ``--channels-last`` / ``--compile`` on ``solve`` and ``evaluate`` apply it
+through ``diffstategrad.pipeline.configure_prior`` (the autoencoder left in float32).
 
 What runs where:
 

@@ -81,3 +81,23 @@ def test_folder_lock_names_the_holder(tmp_path):
         r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
         assert r.returncode == 7 and f"pid {os.getpid()}" in r.stdout
     FolderLock(tmp_path).acquire().release()  # free again once released
+
+
+def test_records_without_the_cost_fields_still_summarise(tmp_path):
+    """Records written before wall_seconds / network_calls / peak_memory_mb existed: NaN in the
+    summary's cost columns, "-" in summary.md; new and old records mix in one cell."""
+    import math
+
+    (row,) = summarize([_rec(seed=0), _rec(seed=1)])
+    assert row["seconds_mean"] == 1.0
+    for key in ("wall_seconds_mean", "network_calls_mean", "autoencoder_calls_mean", "peak_memory_mb_mean", "peak_memory_mb_max"):
+        assert math.isnan(row[key]), key
+    assert row["peak_memory_kind"] is None
+    write_summary([row], tmp_path)
+    assert "| 1.00 | - | - |" in (tmp_path / "summary.md").read_text()
+    new = {**_rec(seed=2), "wall_seconds": 3.0, "network_calls": 50, "autoencoder_calls": 0, "peak_memory_mb": 812.5,
+           "peak_memory_kind": "cuda_max_allocated", "device": "cuda:1"}
+    (row,) = summarize([_rec(seed=0), new])
+    assert row["network_calls_mean"] == 50 and row["peak_memory_mb_max"] == 812.5 and row["wall_seconds_mean"] == 3.0
+    write_summary([row], tmp_path)
+    assert "| 50 | 812 (CUDA) |" in (tmp_path / "summary.md").read_text()

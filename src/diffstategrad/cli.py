@@ -21,7 +21,8 @@ from dataclasses import fields
 import click
 
 from diffstategrad import __version__
-from diffstategrad.cli_support import POSITIVE, FiniteFloat, NumberList, UserError, check_out, make_out, names, one_line
+from diffstategrad.cli_support import POSITIVE, FiniteFloat, NumberList, UserError, check_out, make_out, names, network_options, one_line, \
+    user_error
 
 EXIT_SOME_FAILED = 3
 
@@ -244,23 +245,25 @@ def _versions() -> dict:
 @click.option("--size", type=click.IntRange(8, 4096), default=None, help="Image side in pixels (default: 64 for built-in pixel models, 128 for latent).")
 @click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE", help="Override a preset field, e.g. noise.sigma=0.05 (repeatable).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@network_options
 @click.option("--out", default=None, help="Output folder (default: runs/solve-TASK-SOLVER).")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_scale, samples, projector, seed, size, task_options,
-                  device, out, overwrite, quiet):
+                  device, network, out, overwrite, quiet):
     """Solve one inverse problem and write images, metrics and the resolved configuration.
 
     \b
-    Outputs in --out: ground_truth.png, measurement.png, reconstruction.png, metrics.json,
-    config.yaml; with --compare also reconstruction_baseline.png and comparison.png; with
-    --samples N > 1 also posterior_mean*.png and posterior_std*.png.
+    Outputs in --out: ground_truth.png, measurement.png, reconstruction.png, metrics.json
+    (the scores, and the time, network calls and peak memory), config.yaml; with --compare also
+    reconstruction_baseline.png and comparison.png; with --samples N > 1 also
+    posterior_mean*.png and posterior_std*.png.
     Exit code 3 when a solve failed (diverged); its outputs are still written.
     """
     from diffstategrad.metrics import get_lpips
     from diffstategrad.operators import load_task
-    from diffstategrad.pipeline import Job, PipelineError, default_size, defaults_profile, failed_any, resolve_device, resolve_model, \
-        solve_image, write_solve_outputs
+    from diffstategrad.pipeline import Job, PipelineError, check_network_options, configure_prior, default_size, defaults_profile, \
+        failed_any, resolve_device, resolve_model, solve_image, write_solve_outputs
     from diffstategrad.solvers import solver_spec
 
     if no_dsg and compare:
@@ -269,9 +272,11 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
     out_dir = check_out(out or f"runs/solve-{task}-{solver}", overwrite=overwrite)
     try:
         dev = resolve_device(device)
+        check_network_options(network["precision"], network["compile"], dev)
         preset = load_task(task, overrides or None)
         spec = solver_spec(solver)
         prior, model_label = resolve_model(model, solver, dev)
+        configure_prior(prior, **network)
         job = Job(task, solver, steps=steps, guidance_scale=guidance_scale, samples=samples, task_overrides=overrides or None,
                   profile=defaults_profile(model_label))
         job.kwargs()
@@ -279,6 +284,8 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
         raise UserError(one_line(exc)) from None
     if not spec.needs_prior:
         no_dsg, compare = True, False  # a classical solver has no guidance gradient to project
+        if network != {"precision": "fp32", "channels_last": False, "compile": False}:
+            click.echo(f"note: solver {solver} runs no network; --precision / --channels-last / --compile do nothing", err=True)
     size = size or default_size(prior)
     channels = 3 if prior is None else (prior.image_channels if prior.kind == "latent" else prior.channels)
     if prior is not None:
@@ -302,7 +309,7 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
     runs = solve_image(prior, job, x, seed, variants, lpips=get_lpips("vgg", device=dev), progress=not quiet)
     config = {"task": preset.to_dict(), "solver": solver, "diffstategrad": None if no_dsg else projector.to_dict(), "compare": compare,
               "model": model_label, "model_info": getattr(prior, "info", {}), "image": image_label, "image_notes": notes, "size": size,
-              "seed": seed, "device": str(dev), "versions": _versions()}
+              "seed": seed, "device": str(dev), "network": network, "versions": _versions()}
     write_solve_outputs(make_out(out_dir), x, runs, job, config)
     for name, run in runs.items():
         m = run.metrics[0]
@@ -395,18 +402,23 @@ def _terminate_as_interrupt(signum, frame):
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Torch threads per worker.")
 @click.option("--ray", "ray_address", default=None, help="Send the items to a Ray cluster at this address ('local' starts one here).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+@click.option("--devices", default=None, metavar="DEV,DEV,...",
+              help="One worker per device, e.g. cuda:0,cuda:1 (cpu,cpu: two CPU workers); the records are those one device gives. "
+                   "With --ray: that many tasks at a time, one GPU each for CUDA devices.")
+@network_options
 @click.option("--out", required=True, help="Output folder (re-running the same command resumes it).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, samples, size, steps, model, latent_model, projector, dsg_mode,
-                     task_options, batch, lpips_net, workers, threads, ray_address, device, out, quiet):
+                     task_options, batch, lpips_net, workers, threads, ray_address, device, devices, network, out, quiet):
     """Run tasks x solvers x {without, with DiffStateGrad} x guidance multipliers x seeds over a
-    set of images; write records.jsonl (one line per item, resumable), summary.csv, summary.md
-    and the robustness figures. Classical solvers (tv, pseudo-inverse) run once per image and
-    seed. Exit code 3 when some items failed (they are recorded, marked failed)."""
+    set of images; write records.jsonl (one line per item with its scores, time, network calls
+    and peak memory; resumable), summary.csv, summary.md and the robustness figures. Classical
+    solvers (tv, pseudo-inverse) run once per image and seed. Exit code 3 when some items failed
+    (they are recorded, marked failed)."""
     from diffstategrad.evaluate import EvaluationSettingsError, make_grid, open_evaluation, robustness_figure, run_items, summarize, \
         write_summary
     from diffstategrad.operators import list_tasks
-    from diffstategrad.pipeline import EvalContext, PipelineError, evaluate_items, resolve_device
+    from diffstategrad.pipeline import EvalContext, PipelineError, check_network_options, evaluate_items, resolve_device, resolve_devices
     from diffstategrad.records import FolderInUseError, item_key
     from diffstategrad.solvers import solver_names
     from diffstategrad.stats import paired_differences, paired_figure, write_paired
@@ -419,15 +431,24 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     for s_ in solver_list:
         if s_ not in solver_names():
             raise UserError(f"unknown solver {s_!r}; choose from {', '.join(solver_names())}")
+    if devices is not None and device != "auto":
+        raise UserError("--device and --devices exclude each other")
+    if devices is not None and workers > 1:
+        raise UserError("--workers and --devices exclude each other (--devices runs one worker per device)")
     try:
-        resolve_device(device)
+        device_list = resolve_devices(devices) if devices is not None else ()
+        for d in device_list or (device,):
+            check_network_options(network["precision"], network["compile"], resolve_device(d, "--devices" if device_list else "--device"))
     except PipelineError as exc:
-        raise UserError(one_line(exc)) from None
+        raise user_error(exc) from None
+    if len(device_list) == 1:
+        device, device_list = device_list[0], ()
     image_files = _image_set(images)
     out_dir = check_out(out, resume=True)
     context = EvalContext(images=image_files, solvers=tuple(solver_list), size=size, out=str(out_dir), steps=steps, samples=samples,
                           device=device, threads=threads, models={"pixel": model, "latent": latent_model},
-                          projector=projector.to_dict(), lpips=lpips_net, task_overrides=_parse_options(task_options) or None)
+                          projector=projector.to_dict(), lpips=lpips_net, task_overrides=_parse_options(task_options) or None,
+                          devices=device_list, **network)
     try:
         store, lock = open_evaluation(make_out(out_dir), context.settings())
     except (FolderInUseError, EvaluationSettingsError) as exc:
@@ -439,7 +460,8 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
         click.echo(f"resuming: {done_before} of {len(grid)} items already done", err=True)
     previous_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
-        run_items(grid, evaluate_items, context, store, workers=workers, ray_address=ray_address, progress=not quiet, batch=batch)
+        run_items(grid, evaluate_items, context, store, workers=workers, ray_address=ray_address, progress=not quiet, batch=batch,
+                  devices=context.devices)
     except KeyboardInterrupt:
         click.echo(f"interrupted: {len(store)} records kept in {store.path}; re-run the command to resume", err=True)
         raise SystemExit(130) from None

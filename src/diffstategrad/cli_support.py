@@ -9,7 +9,8 @@ import math
 
 import click
 
-__all__ = ["UserError", "one_line", "FiniteFloat", "NumberList", "POSITIVE", "names", "check_out", "make_out"]
+__all__ = ["UserError", "one_line", "user_error", "FiniteFloat", "NumberList", "POSITIVE", "PRECISION", "network_options", "names",
+           "check_out", "make_out"]
 
 
 class UserError(click.ClickException):
@@ -21,6 +22,12 @@ class UserError(click.ClickException):
 
 def one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def user_error(exc: BaseException) -> UserError:
+    """``exc`` (a PipelineError, PrecisionError, ...) as the CLI's one-line error: ``raise
+    user_error(exc) from None``."""
+    return UserError(one_line(exc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +84,29 @@ class NumberList(click.ParamType):
 
 
 POSITIVE = FiniteFloat(positive=True)
+
+PRECISION = click.Choice(["fp32", "tf32", "bf16", "fp16"])  # diffstategrad.precision.PRECISIONS (tested equal)
+
+
+def network_options(command):
+    """``--precision``, ``--channels-last`` and ``--compile [BACKEND]``: how the prior's network
+    passes run (docs/performance.md); the command gets them as ``network``, a dict of
+    ``configure_network``'s keywords (precision, channels_last, compile)."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        network = {"precision": kwargs.pop("precision"), "channels_last": kwargs.pop("channels_last"),
+                   "compile": kwargs.pop("compile_backend") or False}
+        return command(network=network, **kwargs)
+
+    wrapper = click.option("--compile", "compile_backend", is_flag=False, flag_value="inductor", default=None, metavar="[BACKEND]",
+                           help="Compile the network pass with torch.compile (inductor; a backend name picks another, e.g. eager).")(wrapper)
+    wrapper = click.option("--channels-last", is_flag=True, help="The network's weights and inputs in the channels-last layout.")(wrapper)
+    wrapper = click.option("--precision", type=PRECISION, default="fp32", show_default=True,
+                           help="The network passes' precision: tf32 and fp16 on CUDA only, bf16 on CUDA and the CPU "
+                                "(slow on most CPUs); the solver state, projector and data term stay fp32.")(wrapper)
+    return wrapper
 
 
 def names(text: str, option: str) -> list[str]:

@@ -6,6 +6,12 @@ line per item to ``records.jsonl`` (resumable), then aggregated into ``summary.c
 The item runner (``diffstategrad.pipeline.evaluate_items``) is a plain module-level function of
 (items, context) so that every backend runs exactly the same code. ``open_evaluation`` takes the
 folder's lock, checks that a resumed run is the same experiment and opens the record store.
+
+Backends (``run_items``): in this process; ``workers`` local processes; one local process per
+device of ``devices`` (``--devices cuda:0,cuda:1``: each worker gets ``context.on_device(d)``);
+a Ray cluster (one task per batch; with ``devices``, as many tasks at a time as devices, each
+asking Ray for one GPU when they are CUDA devices). Every record is the same whichever backend
+ran it (per-sample results depend on neither the batch nor the worker).
 """
 
 from __future__ import annotations
@@ -113,13 +119,20 @@ def run_items(
     ray_address: str | None = None,
     progress: bool = True,
     batch: int = 1,
+    devices: Sequence[str] | None = None,
 ) -> int:
     """Run the items not yet in ``store`` and append their records as they finish.
 
     ``runner(items, context) -> records`` takes a batch of item dicts that differ only by image
-    and must be a module-level function (it is pickled for worker processes and Ray). Returns
-    the number of new records.
+    and must be a module-level function (it is pickled for worker processes and Ray). With
+    ``devices``, one worker per device runs with ``context.on_device(device)`` (``workers``
+    must then be 1); on Ray, as many tasks at a time as devices, each with one GPU when the
+    devices are CUDA devices (Ray picks the GPU, which the task sees as ``cuda``). Returns the
+    number of new records.
     """
+    devices = tuple(devices or ())
+    if devices and workers > 1:
+        raise ValueError("devices runs one worker per device; leave workers at 1")
     todo = batch_items([asdict(it) for it in items if it.key not in store], batch)
     bar = tqdm(total=len(items), initial=len(items) - sum(map(len, todo)), desc="evaluate", disable=not progress, unit="item")
     written = 0
@@ -134,39 +147,58 @@ def run_items(
 
     try:
         if ray_address:
-            _run_ray(todo, runner, context, ray_address, accept)
+            _run_ray(todo, runner, context, ray_address, accept, devices)
+        elif len(devices) > 1:
+            _run_processes(todo, runner, [context.on_device(d) for d in devices], accept)
         elif workers > 1:
-            _run_processes(todo, runner, context, workers, accept)
+            _run_processes(todo, runner, [context] * workers, accept)
         else:
+            here = context.on_device(devices[0]) if devices else context
             for group in todo:
-                accept(runner(group, context))
+                accept(runner(group, here))
     finally:
         bar.close()
     return written
 
 
-def _run_processes(todo, runner, context, workers, accept):
+def _run_processes(todo, runner, contexts, accept):
+    """One worker process per entry of ``contexts`` (its own single-process pool, so that a
+    worker keeps its context, e.g. its device, for the whole run); each takes the next batch
+    as soon as it has finished one."""
     import concurrent.futures
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),))
-    futures = [pool.submit(runner, item, context) for item in todo]
+    pools = [concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),))
+             for _ in contexts]
+    queue = list(reversed(todo))
+    pending = {}  # future -> worker index
     try:
-        for fut in concurrent.futures.as_completed(futures):
-            accept(fut.result())
+        for k, pool in enumerate(pools):
+            if queue:
+                pending[pool.submit(runner, queue.pop(), contexts[k])] = k
+        while pending:
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in done:
+                k = pending.pop(fut)
+                records = fut.result()
+                if queue:
+                    pending[pools[k].submit(runner, queue.pop(), contexts[k])] = k
+                accept(records)
     except BaseException:
         # interrupted (Ctrl-C, SIGTERM, a failing item): stop the workers now instead of waiting
         # for their current batches; finished records are already on disk
-        processes = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
+        processes = [proc for pool in pools for proc in (getattr(pool, "_processes", None) or {}).values()]
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
         for proc in processes:
             if proc.is_alive():
                 proc.terminate()
         for proc in processes:
             proc.join(timeout=10)
         raise
-    pool.shutdown(wait=True)
+    for pool in pools:
+        pool.shutdown(wait=True)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -181,7 +213,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def _run_ray(todo, runner, context, address, accept):
+def _run_ray(todo, runner, context, address, accept, devices=()):
     try:
         import ray
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -193,10 +225,19 @@ def _run_ray(todo, runner, context, address, accept):
         else:
             ray.init(address=address, log_to_driver=False)
     try:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        if devices:
+            # one task per device at a time; a CUDA task gets one GPU, chosen by Ray (it sets the
+            # task's CUDA_VISIBLE_DEVICES, so the task sees its GPU as "cuda")
+            cuda = str(devices[0]).split(":")[0] == "cuda"
+            gpus, limit = (1 if cuda else 0), len(devices)
+            context = context.on_device("cuda" if cuda else devices[0])
+        else:
+            gpus, limit = (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0), len(todo)
         remote = ray.remote(num_gpus=gpus, num_cpus=1)(runner)
-        pending = [remote.remote(item, context) for item in todo]
-        while pending:
+        queue, pending = list(reversed(todo)), []
+        while queue or pending:
+            while queue and len(pending) < limit:
+                pending.append(remote.remote(queue.pop(), context))
             done, pending = ray.wait(pending, num_returns=1)
             accept(ray.get(done[0]))
     finally:
@@ -211,9 +252,17 @@ def _run_ray(todo, runner, context, address, accept):
 CELL = ("task", "solver", "diffstategrad", "guidance_multiplier")
 
 
+def _present(rs, key) -> list[float]:
+    return [float(r[key]) for r in rs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)
+            and math.isfinite(float(r[key]))]
+
+
 def summarize(records) -> list[dict]:
     """One row per (task, solver, projector, scale): n, mean / std / worst of each metric,
-    failure rate and mean seconds. Failed samples are included with their (frozen) outputs."""
+    failure rate, and what the items cost: mean seconds (solver) and wall_seconds (whole item)
+    per image, mean network_calls and autoencoder_calls, mean and largest peak_memory_mb (with
+    its kind). Records written before the cost fields existed give NaN there (and "-" in
+    summary.md). Failed samples are included with their (frozen) outputs."""
     from diffstategrad.records import guidance_multiplier
 
     cells = defaultdict(list)
@@ -233,6 +282,12 @@ def summarize(records) -> list[dict]:
             row[f"{m}_p05"] = _percentile(values, 5 if higher else 95)
         row["failure_rate"] = sum(bool(r.get("failed")) for r in rs) / len(rs)
         row["seconds_mean"] = statistics.fmean(float(r.get("seconds", 0.0)) for r in rs)
+        for key in ("wall_seconds", "network_calls", "autoencoder_calls", "peak_memory_mb"):
+            values = _present(rs, key)
+            row[f"{key}_mean"] = statistics.fmean(values) if values else float("nan")
+        memory = _present(rs, "peak_memory_mb")
+        row["peak_memory_mb_max"] = max(memory) if memory else float("nan")
+        row["peak_memory_kind"] = "/".join(sorted({str(r["peak_memory_kind"]) for r in rs if r.get("peak_memory_kind")})) or None
         rows.append(row)
     return rows
 
@@ -253,6 +308,17 @@ def _fmt(mean: float, std: float, digits: int = 3) -> str:
     return "-" if math.isnan(mean) else f"{mean:.{digits}f} +- {std:.{digits}f}"
 
 
+def _number(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _memory(row: dict) -> str:
+    """The cell's largest peak memory and where it was measured (CUDA allocated / CPU RSS)."""
+    text = _number(row.get("peak_memory_mb_max"), ".0f")
+    kind = {"cuda_max_allocated": "CUDA", "cpu_max_rss": "CPU RSS"}.get(row.get("peak_memory_kind") or "", row.get("peak_memory_kind"))
+    return text if text == "-" or not kind else f"{text} ({kind})"
+
+
 def _needs_prior(solver: str) -> bool:
     from diffstategrad.solvers import solver_spec
 
@@ -264,7 +330,8 @@ def _needs_prior(solver: str) -> bool:
 
 def write_summary(rows: list[dict], out_dir: Path) -> None:
     """``summary.csv`` (every column) and ``summary.md`` (mean +- std, the posterior mean's
-    scores when there are several samples, worst and 5th-percentile PSNR, failure rate)."""
+    scores when there are several samples, worst and 5th-percentile PSNR, failure rate, seconds
+    per image, mean network calls and the largest peak memory of the cell)."""
     out_dir = Path(out_dir)
     if not rows:
         atomic_write_text(out_dir / "summary.csv", "")
@@ -281,7 +348,7 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
     head = "| task | solver | DiffStateGrad | guidance (x default) | n | PSNR | SSIM | LPIPS |"
     if with_mean:
         head += " PSNR of the mean | LPIPS of the mean |"
-    head += " worst PSNR | 5th pct PSNR | failure rate | s / image |"
+    head += " worst PSNR | 5th pct PSNR | failure rate | s / image | network calls | peak memory (MiB) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         classical = not _needs_prior(r["solver"])
@@ -293,6 +360,7 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
             line += (f" {_fmt(r.get('mean_psnr_mean', float('nan')), r.get('mean_psnr_std', 0.0), 2)} "
                      f"| {_fmt(r.get('mean_lpips_mean', float('nan')), r.get('mean_lpips_std', 0.0))} |")
         line += f" {r['psnr_worst']:.2f} | {r['psnr_p05']:.2f} | {r['failure_rate']:.0%} | {r['seconds_mean']:.2f} |"
+        line += f" {_number(r.get('network_calls_mean'), 'g')} | {_memory(r)} |"
         lines.append(line)
     atomic_write_text(out_dir / "summary.md", "\n".join(lines) + "\n")
 
@@ -318,7 +386,8 @@ def robustness_figure(rows: list[dict], path: Path, metric: str = "psnr") -> Non
             if pts:
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=es, capsize=3, **style)
-        for k, r in enumerate(r for r in rows if r["task"] == task and not _needs_prior(r["solver"])):
+        classical = (r for r in rows if r["task"] == task and not _needs_prior(r["solver"]) and math.isfinite(r[f"{metric}_mean"]))
+        for k, r in enumerate(classical):  # (not finite: e.g. LPIPS with --lpips none, which a log axis cannot take)
             ax.axhline(r[f"{metric}_mean"], color=f"C{k + 2}", ls="--", lw=1, label=r["solver"])
         scales = [r["guidance_multiplier"] for r in rows if r["task"] == task and r["solver"] == solver]
         ax.set_xscale("log")  # limits set from the grid: a panel whose points are all NaN (failed) still draws

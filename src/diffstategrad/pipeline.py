@@ -12,11 +12,20 @@ with the per-pixel standard deviation. ``solve_image`` runs one image without an
 projector and ``write_solve_outputs`` writes the ``solve`` command's folder; ``evaluate_items``
 is the evaluation's item runner. The CLI parses and prints; it does neither the math nor the
 files.
+
+Every item's metrics also say what it cost (``run_job``): ``seconds`` (the solver's wall time)
+and ``wall_seconds`` (measurement, solve and scoring), each per image of its batch;
+``network_calls`` / ``autoencoder_calls`` (the prior's passes in the solver call, each over the
+whole batch: N for N-step DPS whatever the batch); ``peak_memory_mb`` with ``peak_memory_kind``
+``cuda_max_allocated`` (``torch.cuda.max_memory_allocated``, reset before the batch: the batch's
+own peak) or ``cpu_max_rss`` (``ru_maxrss`` of the process: its high-water mark since it
+started, not the batch's own); and the ``device``.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,7 +42,8 @@ from diffstategrad.records import guidance_multiplier, reconstruction_path
 from diffstategrad.rng import SampleGenerators, derive_seed
 from diffstategrad.solvers import SolveResult, solve, solver_spec
 
-__all__ = ["PipelineError", "Job", "BatchResult", "EvalContext", "resolve_device", "resolve_model", "defaults_profile",
+__all__ = ["PipelineError", "Job", "BatchResult", "EvalContext", "resolve_device", "resolve_devices", "resolve_model",
+           "check_network_options", "configure_prior", "peak_memory", "reset_peak_memory", "defaults_profile",
            "default_size", "solver_kwargs", "run_job", "solve_image", "write_solve_outputs", "measurement_image",
            "evaluate_items", "failed_any"]
 
@@ -47,18 +57,95 @@ class PipelineError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | None, option: str = "--device") -> torch.device:
+    """The torch device for ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``;
+    a :class:`PipelineError` naming ``option`` for an unknown or absent device."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise PipelineError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        raise PipelineError(f"{option}: unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was asked for but no CUDA device is available")
+        raise PipelineError(f"{option} {device} was asked for but no CUDA device is available")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PipelineError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        raise PipelineError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
+
+
+def resolve_devices(devices: str, option: str = "--devices") -> tuple[str, ...]:
+    """A comma-separated device list (``cuda:0,cuda:1``; ``cpu,cpu`` for two CPU workers), each
+    checked by :func:`resolve_device`, all of one kind (a CPU's and a GPU's float rounding
+    differ, and the results of an evaluation must not depend on where an item ran). Returns the
+    devices as given, stripped."""
+    names = tuple(d.strip() for d in str(devices).split(",") if d.strip())
+    if not names:
+        raise PipelineError(f"{option} is empty; give devices such as cuda:0,cuda:1")
+    kinds = {resolve_device(name, option).type for name in names}
+    if len(kinds) > 1:
+        raise PipelineError(f"{option} {','.join(names)} mixes {' and '.join(sorted(kinds))} devices; "
+                            "use devices of one kind (their float rounding differs)")
+    return names
+
+
+def check_network_options(precision: str, compile: bool | str, device: torch.device) -> None:
+    """A :class:`PipelineError` (one line) if ``device`` cannot run the network options, before
+    anything is loaded or written (:func:`diffstategrad.precision.check_precision`)."""
+    from diffstategrad.precision import PrecisionError, check_precision
+
+    try:
+        check_precision(precision, device)
+    except PrecisionError as exc:
+        raise PipelineError(str(exc)) from None
+    if compile and not hasattr(torch, "compile"):
+        raise PipelineError(f"--compile needs torch.compile (torch >= 2.0); this is torch {torch.__version__}")
+    if isinstance(compile, str) and compile:
+        from torch import _dynamo
+
+        backends = _dynamo.list_backends(exclude_tags=())
+        if compile not in backends:
+            raise PipelineError(f"--compile {compile}: not a torch.compile backend; use inductor (the default), "
+                                "or eager / aot_eager to check that a model traces")
+
+
+def configure_prior(prior: DiffusionPrior | None, precision: str = "fp32", channels_last: bool = False,
+                    compile: bool | str = False) -> None:
+    """Apply the network options to a resolved prior (``configure_network``); nothing for the
+    classical solvers (no prior). A :class:`PipelineError` where the prior or its device
+    cannot run them."""
+    from diffstategrad.precision import PrecisionError, configure_network
+
+    if prior is None:
+        return
+    try:
+        configure_network(prior, precision, channels_last=channels_last, compile=compile)
+    except PrecisionError as exc:
+        raise PipelineError(str(exc)) from None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new CUDA peak-memory window on ``device`` (nothing on the CPU: the peak RSS of a
+    process cannot be reset)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[float | None, str]:
+    """(MiB, kind): ``torch.cuda.max_memory_allocated`` since the last reset on a CUDA device
+    (kind ``cuda_max_allocated``); elsewhere the process's peak resident set size since it
+    started (``ru_maxrss``, kind ``cpu_max_rss``: a lifetime high-water mark, not one item's)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1), "cuda_max_allocated"
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None, "cpu_max_rss"
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1), "cpu_max_rss"
 
 
 def resolve_model(spec: str | None, solver: str, device: torch.device) -> tuple[DiffusionPrior | None, str]:
@@ -164,8 +251,10 @@ class BatchResult:
     per-pixel standard deviation over the N samples (None when N = 1); y: the measurements;
     measurement: y as a picture (``measurement_image``); metrics: one dict per image (psnr, ssim,
     lpips of the first sample; mean_psnr, ... of the mean when N > 1; seconds, failed,
-    failed_step, residual, failed_samples); result: the solver's result for all B * N samples
-    (image-major); kwargs: the solver's keyword arguments.
+    failed_step, residual, failed_samples; what it cost: wall_seconds, network_calls,
+    autoencoder_calls, peak_memory_mb, peak_memory_kind, device, see the module docstring);
+    result: the solver's result for all B * N samples (image-major); kwargs: the solver's
+    keyword arguments.
     """
 
     x: torch.Tensor
@@ -189,7 +278,10 @@ def run_job(prior: DiffusionPrior | None, job: Job, x: torch.Tensor, seeds, *, l
     image in one solver call. ``seeds``: one int per image. A sample's result does not depend on
     the rest of the batch."""
     from diffstategrad.metrics import metrics_for
+    from diffstategrad.priors import count_network_calls
 
+    started = time.perf_counter()
+    reset_peak_memory(x.device)
     seeds = [int(s) for s in seeds]
     B, N = x.shape[0], int(job.samples)
     if len(seeds) != B:
@@ -208,8 +300,9 @@ def run_job(prior: DiffusionPrior | None, job: Job, x: torch.Tensor, seeds, *, l
         operator = task.build(shape, seeds=[s for s in seeds for _ in range(N)], device=x.device).operator
         y_all = y.repeat_interleave(N, dim=0)
         gens = SampleGenerators([derive_seed(s, "solver", k) for s in seeds for k in range(N)])
-    result = solve(job.solver, prior, operator, y_all, shape=shape, seeds=gens, projector=job.projector, progress=progress,
-                   callback=callback, **kwargs)
+    with count_network_calls(prior) as calls:
+        result = solve(job.solver, prior, operator, y_all, shape=shape, seeds=gens, projector=job.projector, progress=progress,
+                       callback=callback, **kwargs)
     samples = result.x.detach().float().reshape(B, N, *shape)
     first = samples[:, 0]
     mean = samples.mean(1) if N > 1 else None
@@ -220,12 +313,17 @@ def run_job(prior: DiffusionPrior | None, job: Job, x: torch.Tensor, seeds, *, l
     failed = result.failed.reshape(B, N)
     failed_step = result.failed_step.reshape(B, N)
     residual = result.residual.reshape(B, N)
+    per_image = [({k: float(v[b]) for k, v in scores.items()}, {f"mean_{k}": float(v[b]) for k, v in mean_scores.items()})
+                 for b in range(B)]  # (the floats synchronise with the device before the clock stops)
+    wall = time.perf_counter() - started
+    memory_mb, memory_kind = peak_memory(x.device)
     metrics = []
     for b in range(B):
-        m = {k: float(v[b]) for k, v in scores.items()}
-        m.update({f"mean_{k}": float(v[b]) for k, v in mean_scores.items()})
+        m = {**per_image[b][0], **per_image[b][1]}
         m.update(seconds=float(result.seconds) / B, failed=bool(failed[b, 0]), failed_step=int(failed_step[b, 0]),
-                 residual=float(residual[b, 0]), samples=N, failed_samples=int(failed[b].sum()))
+                 residual=float(residual[b, 0]), samples=N, failed_samples=int(failed[b].sum()),
+                 wall_seconds=wall / B, network_calls=calls.network, autoencoder_calls=calls.autoencoder,
+                 peak_memory_mb=memory_mb, peak_memory_kind=memory_kind, device=str(x.device))
         metrics.append({k: _finite_or_none(v) for k, v in m.items()})
     return BatchResult(first, mean, std, y, measurement_image(problem.operator, y, x.shape), metrics, result, kwargs, problem)
 
@@ -364,13 +462,31 @@ class EvalContext:
     projector: Mapping[str, Any] = field(default_factory=dict)  # DiffStateGrad.to_dict()
     lpips: str = "vgg"
     task_overrides: Mapping[str, Any] | None = None
+    precision: str = "fp32"  # the prior's network passes (diffstategrad.precision)
+    channels_last: bool = False
+    compile: bool | str = False  # False, or a torch.compile backend ("inductor")
+    devices: tuple[str, ...] = ()  # --devices: one worker per device, each with on_device(d)
 
     def settings(self) -> dict:
-        """What identifies the experiment (a resumed run must have the same)."""
+        """What identifies the experiment (a resumed run must have the same). The device list
+        of ``--devices`` counts as the device, as ``--device`` does; the network options are
+        left out at their defaults, so folders written before they existed resume."""
         d = asdict(self)
-        for k in ("threads", "out", "images"):
+        for k in ("threads", "out", "images", "devices"):
             d.pop(k)
+        if self.devices:
+            d["device"] = ",".join(self.devices)
+        for k, default in NETWORK_DEFAULTS.items():
+            if d[k] == default:
+                d.pop(k)
         return _plain(d)
+
+    def on_device(self, device: str) -> "EvalContext":
+        """The context one worker of a ``--devices`` run gets: its own device."""
+        return replace(self, device=str(device), devices=())
+
+
+NETWORK_DEFAULTS = {"precision": "fp32", "channels_last": False, "compile": False}
 
 
 _STATE: dict[str, Any] = {}
@@ -390,6 +506,7 @@ def _worker_state(context: EvalContext) -> dict:
             kind = solver_spec(solver).default_prior
             if kind not in priors:
                 priors[kind], label = resolve_model(context.models.get(kind) if kind else None, solver, device)
+                configure_prior(priors[kind], context.precision, context.channels_last, context.compile)
                 profiles[kind] = defaults_profile(label) if kind else None
         channels = next((p.image_channels if p.kind == "latent" else p.channels for p in priors.values() if p is not None), 3)
         images = {name: load_image(path, context.size, channels=channels).image.to(device) for name, path in context.images.items()}

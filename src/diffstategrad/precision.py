@@ -5,7 +5,9 @@ pass of a prior run in the requested mode, for every solver at once: the hook is
 :class:`~diffstategrad.priors.base.DiffusionPrior`, whose subclasses' ``eps`` and
 ``eps_and_variance`` (and, on request, a latent prior's ``encode`` / ``decode``) are wrapped
 when the class is defined (``DiffusionPrior.__init_subclass__``). ``x0``, ``score`` and
-``denoise`` go through ``eps``, so DPS, PSLD, ReSample and (latent) DAPS all see it.
+``denoise`` go through ``eps``, so DPS, PSLD, ReSample and (latent) DAPS all see it. The CLI's
+``--precision`` / ``--channels-last`` / ``--compile`` on ``solve`` and ``evaluate`` apply it
+through ``diffstategrad.pipeline.configure_prior`` (the autoencoder left in float32).
 
 What runs where:
 
@@ -43,7 +45,8 @@ Precisions (``PRECISIONS``):
 layout, not a precision) and the network's input to ``torch.channels_last``; ``compile=True``
 compiles the network pass with ``torch.compile`` (inductor; a string picks another backend,
 e.g. ``"aot_eager"`` to check that a model traces). Both change speed, not the maths (to float
-rounding).
+rounding). A compiled pass gets an integer timestep as the (B,) int64 tensor the priors make of
+it (``as_timesteps``), so one graph serves every step instead of one compilation per timestep.
 """
 
 from __future__ import annotations
@@ -178,6 +181,12 @@ def _finite(out) -> bool:
 _WARNED_FP16 = False
 
 
+def _python_int(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _compiled(prior, name: str, fn: Callable, config: NetworkConfig) -> Callable:
     """``fn`` (an unbound prior method), with its precision context, compiled once per prior
     and method when ``config.compile`` is set."""
@@ -196,7 +205,8 @@ def _compiled(prior, name: str, fn: Callable, config: NetworkConfig) -> Callable
 
 def run_network(prior, name: str, fn: Callable, x: torch.Tensor, args: tuple, kwargs: dict):
     """One network pass ``fn(prior, x, *args, **kwargs)`` under the prior's configuration (called
-    by the wrapped ``eps`` / ``eps_and_variance`` / ``encode`` / ``decode`` of every prior)."""
+    by the wrapped ``eps`` / ``eps_and_variance`` / ``encode`` / ``decode`` of every prior, which
+    counts the pass and marks the prior active around it, so nested calls run plainly)."""
     global _WARNED_FP16
     config = prior._network_config
     if name in ("encode", "decode") and not config.autoencoder:
@@ -207,16 +217,17 @@ def run_network(prior, name: str, fn: Callable, x: torch.Tensor, args: tuple, kw
         prior._network_device_type = device_type
     if config.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
+    if config.compile and name in ("eps", "eps_and_variance") and args and _python_int(args[0]):
+        # a Python-int timestep is a constant to dynamo: every new value would recompile (and past
+        # the recompile limit fall back to eager); as the (B,) tensor every prior's as_timesteps
+        # makes of it, one graph serves every step
+        args = (torch.full((x.shape[0],), int(args[0]), dtype=torch.long, device=x.device), *args[1:])
     call = _compiled(prior, name, fn, config)
-    prior._network_active = True
-    try:
-        out = _cast(call(prior, config.precision, device_type, x, *args, **kwargs), x.dtype)
-        if config.precision == "fp16" and not _finite(out):
-            if not _WARNED_FP16:
-                warnings.warn(f"{type(prior).__name__}.{name}: the fp16 network pass overflowed; redone in fp32 "
-                              "(warned once; bf16 has the float32 range)", RuntimeWarning, stacklevel=3)
-                _WARNED_FP16 = True
-            out = _cast(fn(prior, x, *args, **kwargs), x.dtype)
-    finally:
-        prior._network_active = False
+    out = _cast(call(prior, config.precision, device_type, x, *args, **kwargs), x.dtype)
+    if config.precision == "fp16" and not _finite(out):
+        if not _WARNED_FP16:
+            warnings.warn(f"{type(prior).__name__}.{name}: the fp16 network pass overflowed; redone in fp32 "
+                          "(warned once; bf16 has the float32 range)", RuntimeWarning, stacklevel=3)
+            _WARNED_FP16 = True
+        out = _cast(fn(prior, x, *args, **kwargs), x.dtype)
     return out

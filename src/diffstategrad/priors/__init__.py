@@ -1,7 +1,7 @@
 """Diffusion priors: the contract, analytic oracles and ``load_prior``."""
 
 from diffstategrad.priors.analytic import GaussianMixturePrior, GaussianPrior, LinearAutoencoderPrior, linear_gaussian_posterior
-from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, as_timesteps
+from diffstategrad.priors.base import DiffusionPrior, LatentDiffusionPrior, NetworkCalls, as_timesteps, count_network_calls
 from diffstategrad.priors.registry import list_priors, load_prior, register_prior
 
 # Checkpoint formats register themselves with load_prior when imported.
@@ -15,6 +15,8 @@ __all__ = [
     "LinearAutoencoderPrior",
     "linear_gaussian_posterior",
     "as_timesteps",
+    "count_network_calls",
+    "NetworkCalls",
     "load_prior",
     "register_prior",
     "list_priors",

@@ -10,35 +10,82 @@ Every subclass's ``eps``, ``eps_and_variance``, ``encode`` and ``decode`` are wr
 class is defined (``__init_subclass__``), so that ``diffstategrad.precision.configure_network``
 can run all network passes of a prior in reduced precision / channels-last / compiled without
 any solver or adapter knowing; an unconfigured prior calls its methods directly.
+
+The same wrapper counts the network passes: ``prior.network_calls`` (the denoiser's passes:
+``eps`` / ``eps_and_variance``) and ``prior.autoencoder_calls`` (``encode`` / ``decode``), each a
+running total per prior instance; ``count_network_calls(prior)`` counts those of a block. A call
+made inside another pass (the default ``eps_and_variance`` calls ``eps``) is part of that pass
+and is not counted again. A pass is one call over the whole batch; a VJP through it (DPS) is no
+extra call. Concurrent jobs sharing one prior instance (``serve --concurrency`` > 1) share its
+counters.
 """
 
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from diffstategrad.schedules import VPSchedule, eps_to_score, eps_to_x0
 
-__all__ = ["DiffusionPrior", "LatentDiffusionPrior", "as_timesteps", "NETWORK_METHODS"]
+__all__ = ["DiffusionPrior", "LatentDiffusionPrior", "as_timesteps", "NETWORK_METHODS", "NetworkCalls", "count_network_calls"]
 
 NETWORK_METHODS = ("eps", "eps_and_variance", "encode", "decode")
+_AUTOENCODER_METHODS = ("encode", "decode")
 
 
 def _network_pass(fn, name: str):
-    """``fn`` (a prior method) routed through the prior's network configuration, if any."""
+    """``fn`` (a prior method) counted and routed through the prior's network configuration,
+    if any. A call nested in another pass of the same prior runs plainly and is not counted."""
+    autoencoder = name in _AUTOENCODER_METHODS
 
     @functools.wraps(fn)
     def method(self, x, *args, **kwargs):
-        if self._network_config is None or self._network_active:
+        if self._network_active:
             return fn(self, x, *args, **kwargs)
-        from diffstategrad.precision import run_network
+        if autoencoder:
+            self.autoencoder_calls += 1
+        else:
+            self.network_calls += 1
+        self._network_active = True
+        try:
+            if self._network_config is None:
+                return fn(self, x, *args, **kwargs)
+            from diffstategrad.precision import run_network
 
-        return run_network(self, name, fn, x, args, kwargs)
+            return run_network(self, name, fn, x, args, kwargs)
+        finally:
+            self._network_active = False
 
     method.network_pass = True
     return method
+
+
+@dataclass
+class NetworkCalls:
+    """Network passes counted by :func:`count_network_calls` (final once its block has ended)."""
+
+    network: int = 0  # denoiser passes (eps / eps_and_variance)
+    autoencoder: int = 0  # encode / decode passes (latent priors)
+
+
+@contextmanager
+def count_network_calls(prior):
+    """``with count_network_calls(prior) as calls: ...`` counts the passes of ``prior`` in the
+    block (``calls.network``, ``calls.autoencoder``); ``prior`` None counts nothing."""
+    calls = NetworkCalls()
+    if prior is None:
+        yield calls
+        return
+    network, autoencoder = prior.network_calls, prior.autoencoder_calls
+    try:
+        yield calls
+    finally:
+        calls.network = prior.network_calls - network
+        calls.autoencoder = prior.autoencoder_calls - autoencoder
 
 
 def as_timesteps(t, batch_size: int, device=None) -> torch.Tensor:
@@ -71,6 +118,8 @@ class DiffusionPrior(nn.Module):
     learned_variance = False
     _network_config = None  # a diffstategrad.precision.NetworkConfig once configured
     _network_active = False  # inside a network pass (nested calls run plainly)
+    network_calls = 0  # denoiser passes so far (eps / eps_and_variance), counted per instance
+    autoencoder_calls = 0  # encode / decode passes so far
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

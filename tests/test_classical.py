@@ -95,3 +95,23 @@ def test_classical_solvers_refuse_what_they_cannot_do():
         solve("tv", None, problem.operator, y, shape=(1, 16, 16), projector=DiffStateGrad())
     with pytest.raises(TypeError, match="lamb"):
         solve("tv", None, problem.operator, y, shape=(1, 16, 16), lamb=1.0)
+
+
+def test_evaluate_skips_the_pseudo_inverse_on_nonlinear_tasks(tmp_path):
+    """A linear-only solver on a nonlinear task is left out of the grid with a note, not a traceback."""
+    import json
+
+    from click.testing import CliRunner
+
+    from diffstategrad.cli import main
+    from diffstategrad.evaluate import unsupported_cells
+
+    assert unsupported_cells(["box_inpainting", "hdr", "phase_retrieval"], ["tv", "pseudo-inverse"], 32) == [
+        ("hdr", "pseudo-inverse"), ("phase_retrieval", "pseudo-inverse")]
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(main, ["evaluate", "--images", "fashion-examples", "--tasks", "box_inpainting,hdr", "--solvers",
+                                  "tv,pseudo-inverse", "--size", "32", "--lpips", "none", "--out", str(out)])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "pseudo-inverse skipped on hdr" in r.output
+    cells = {(rec["task"], rec["solver"]) for rec in map(json.loads, (out / "records.jsonl").read_text().splitlines())}
+    assert cells == {("box_inpainting", "tv"), ("box_inpainting", "pseudo-inverse"), ("hdr", "tv")}

@@ -416,7 +416,7 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     solvers (tv, pseudo-inverse) run once per image and seed. Exit code 3 when some items failed
     (they are recorded, marked failed)."""
     from diffstategrad.evaluate import EvaluationSettingsError, make_grid, open_evaluation, robustness_figure, run_items, summarize, \
-        write_summary
+        unsupported_cells, write_summary
     from diffstategrad.operators import list_tasks
     from diffstategrad.pipeline import EvalContext, PipelineError, check_network_options, evaluate_items, resolve_device, resolve_devices
     from diffstategrad.records import FolderInUseError, item_key
@@ -444,6 +444,12 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     if len(device_list) == 1:
         device, device_list = device_list[0], ()
     image_files = _image_set(images)
+    try:
+        skip = unsupported_cells(task_list, solver_list, size)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(one_line(exc)) from None
+    for task, solver in skip:
+        click.echo(f"note: {solver} skipped on {task} (it needs a linear operator)", err=True)
     out_dir = check_out(out, resume=True)
     context = EvalContext(images=image_files, solvers=tuple(solver_list), size=size, out=str(out_dir), steps=steps, samples=samples,
                           device=device, threads=threads, models={"pixel": model, "latent": latent_model},
@@ -454,7 +460,7 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     except (FolderInUseError, EvaluationSettingsError) as exc:
         raise UserError(one_line(exc)) from None
     projector_modes = {"both": (False, True), "with": (True,), "without": (False,)}[dsg_mode]
-    grid = make_grid(list(image_files), task_list, solver_list, guidance_multipliers, seeds, projector_modes)
+    grid = make_grid(list(image_files), task_list, solver_list, guidance_multipliers, seeds, projector_modes, skip)
     done_before = sum(it.key in store for it in grid)
     if done_before:
         click.echo(f"resuming: {done_before} of {len(grid)} items already done", err=True)

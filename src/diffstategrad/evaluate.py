@@ -55,19 +55,35 @@ class EvalItem:
 
 
 def make_grid(images: Sequence[str], tasks: Sequence[str], solvers: Sequence[str], guidance_multipliers: Sequence[float], seeds: Sequence[int],
-              projector: Sequence[bool] = (False, True)) -> list[EvalItem]:
+              projector: Sequence[bool] = (False, True), skip: Sequence[tuple[str, str]] = ()) -> list[EvalItem]:
     """Every combination, ordered so that partial runs cover whole (task, solver) cells early;
     ``projector`` lists which of without (False) / with (True) DiffStateGrad to run. Classical
-    solvers (no prior, no guidance) get one multiplier (1) and no DiffStateGrad variant."""
+    solvers (no prior, no guidance) get one multiplier (1) and no DiffStateGrad variant.
+    ``skip`` lists (task, solver) cells left out (see :func:`unsupported_cells`)."""
     from diffstategrad.solvers import solver_spec
 
     items = []
     for task, solver in itertools.product(tasks, solvers):
+        if (task, solver) in set(skip):
+            continue
         classical = not solver_spec(solver).needs_prior
         for scale, seed, image, dsg in itertools.product((1.0,) if classical else guidance_multipliers, seeds, images,
                                                          (False,) if classical else tuple(projector)):
             items.append(EvalItem(image, task, solver, dsg, float(scale), int(seed)))
     return items
+
+
+def unsupported_cells(tasks: Sequence[str], solvers: Sequence[str], size: int = 64) -> list[tuple[str, str]]:
+    """The (task, solver) cells that cannot run: a linear-only solver (the pseudo-inverse) on a
+    task whose operator is nonlinear (hdr, phase retrieval, nonlinear deblurring)."""
+    from diffstategrad.operators import load_task
+    from diffstategrad.solvers import solver_spec
+
+    linear_only = [s for s in solvers if solver_spec(s).linear_only]
+    if not linear_only:
+        return []
+    nonlinear = [t for t in tasks if not load_task(t).build((3, size, size), seeds=[0]).operator.linear]
+    return [(t, s) for t in nonlinear for s in linear_only]
 
 
 class EvaluationSettingsError(ValueError):

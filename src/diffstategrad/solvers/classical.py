@@ -202,4 +202,5 @@ class _Identity:
 
 
 register_solver("tv", tv, priors=(), description="total-variation regularised least squares (Condat-Vu primal-dual)")
-register_solver("pseudo-inverse", pseudo_inverse, priors=(), description="Tikhonov least squares by conjugate gradients (linear tasks)")
+register_solver("pseudo-inverse", pseudo_inverse, priors=(), description="Tikhonov least squares by conjugate gradients (linear tasks)",
+                linear_only=True)

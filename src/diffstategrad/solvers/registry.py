@@ -23,6 +23,7 @@ class SolverSpec:
     fn: Callable
     priors: tuple[str, ...]
     description: str = ""
+    linear_only: bool = False  # runs on linear operators only (the pseudo-inverse)
 
     @property
     def needs_prior(self) -> bool:
@@ -37,11 +38,12 @@ _SPECS: dict[str, SolverSpec] = {}
 SOLVERS: dict[str, Callable] = {}  # name -> solver function (a view of the catalogue)
 
 
-def register_solver(name: str, fn: Callable, *, priors: tuple[str, ...] = ("pixel",), description: str = "") -> None:
+def register_solver(name: str, fn: Callable, *, priors: tuple[str, ...] = ("pixel",), description: str = "",
+                    linear_only: bool = False) -> None:
     unknown = set(priors) - {"pixel", "latent"}
     if unknown:
         raise ValueError(f"prior kinds are 'pixel' and 'latent', got {sorted(unknown)}")
-    _SPECS[name] = SolverSpec(name, fn, tuple(priors), description or (fn.__doc__ or "").strip().split("\n")[0])
+    _SPECS[name] = SolverSpec(name, fn, tuple(priors), description or (fn.__doc__ or "").strip().split("\n")[0], linear_only)
     SOLVERS[name] = fn
 
 

@@ -7,7 +7,7 @@ from diffstategrad.operators.base import MatrixOperator
 from diffstategrad.priors import DiffusionPrior, LatentDiffusionPrior, linear_gaussian_posterior
 from diffstategrad.schedules import make_schedule
 from diffstategrad.solvers import SOLVERS, psld, resample, solve, solver_spec
-from diffstategrad.solvers.resample import REFERENCE, _optimize, hdc_stage, resample_gamma, stochastic_resample
+from diffstategrad.solvers.resample import DEFAULT, REFERENCE, _optimize, hdc_stage, resample_gamma, stochastic_resample
 
 from test_daps import _latent_problem
 from tiny_models import LDM, TinyLatent, TinyPixel
@@ -59,8 +59,11 @@ def test_latent_optimisation_early_stop_and_tolerance():
     assert len(calls) == 270
     calls.clear()
     x = torch.randn(1, 1, 2, 2)
-    out = _optimize(x, lambda v: v.reshape(1, -1).sum(1) * 0 + 1e-7, 1e-1, 500, REFERENCE, None, None, early_stop=True)
-    assert torch.equal(out, x)  # MSE below 1e-6 stops at once
+    out = _optimize(x, lambda v: v.reshape(1, -1).sum(1) * 0 + 1e-7, 1e-1, 500, DEFAULT, None, None, early_stop=True)
+    assert torch.equal(out, x)  # MSE below 1e-6 stops at once (test first: no step)
+    calls.clear()
+    once = _optimize(x, lambda v: (calls.append(0), v.reshape(1, -1).sum(1) * 0 + 1e-7)[1], 1e-1, 500, REFERENCE, None, None, early_stop=True)
+    assert len(calls) == 1 and not torch.equal(once, x)  # the official order: one step, then the stop
 
 
 def test_per_sample_stopping_freezes_only_that_sample():
@@ -94,8 +97,16 @@ def test_resample_on_a_linear_autoencoder_fits_the_data(setting):
     mean, _ = linear_gaussian_posterior(prior.image_prior(), A, y[0].double(), sigma)
     n = 4
     r = resample(prior, op, y.expand(n, -1), shape=(2, 4, 4), steps=100, pixel_iters=200, latent_iters=100, setting=setting, seeds=range(n), projector=DiffStateGrad())
-    assert not r.failed.any()
-    assert float(r.residual.mean()) < 1.5 * noise
+    if setting == "default":
+        assert not r.failed.any()
+        assert float(r.residual.mean()) < 1.5 * noise
+    else:
+        # the official order takes one more AdamW step after the pixel fit meets its tolerance
+        # (MSE < 1e-6: this A is underdetermined, so it does); Adam's normalised step then moves x
+        # by about lr per coordinate, and on this toy problem one of the four samples ends with a
+        # residual the divergence rule flags (0.59 against 0.19 in the test-first order)
+        assert int(r.failed.sum()) <= 1
+        assert float(r.residual.median()) < 1.5 * noise
     assert float((r.x.reshape(n, -1).double().mean(0) - mean).norm() / mean.norm()) < 0.15
     assert [s for s in r.history["hdc"] if s] == ["pixel"] * 3 + ["latent"] * 3
 

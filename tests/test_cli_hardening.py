@@ -9,19 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from diffstategrad.cli import EXIT_SOME_FAILED, main
-from diffstategrad.priors.builtin import BuiltinPixelPrior
-from diffstategrad.priors.converted import save_converted
-from diffstategrad.priors.unet import TINY_UNET_CONFIG
 from diffstategrad.records import FolderLock
-from diffstategrad.schedules import make_schedule
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny") / "pixel"
-    save_converted(BuiltinPixelPrior(TINY_UNET_CONFIG, make_schedule("linear"), info={"crop": 64}, preconditioning={"kind": "edm"}), folder)
-    return str(folder)
 
 
 def _invoke(args):

@@ -17,20 +17,11 @@ from diffstategrad.pipeline import EvalContext
 from diffstategrad.precision import PRECISIONS, configure_network
 from diffstategrad.priors import count_network_calls
 from diffstategrad.priors.builtin import BuiltinPixelPrior
-from diffstategrad.priors.converted import save_converted
 from diffstategrad.priors.unet import TINY_UNET_CONFIG
 from diffstategrad.schedules import make_schedule
 
 COST = ("seconds", "wall_seconds", "network_calls", "autoencoder_calls", "peak_memory_mb", "peak_memory_kind", "device")
 MEASURED = {"seconds", "wall_seconds", "peak_memory_mb"}  # differ from run to run
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny") / "pixel"
-    save_converted(BuiltinPixelPrior(TINY_UNET_CONFIG, make_schedule("linear"), info={"crop": 64}, preconditioning={"kind": "edm"}), folder)
-    return str(folder)
 
 
 def _run(args):

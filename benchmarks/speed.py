@@ -18,7 +18,7 @@ Parts (``--part``, comma-separated; the CPU default is all but deepinv):
 - ``svd``: the projector's basis (SVD + rank) and one projection, per state shape and SVD back-end
   (and, on an accelerator, computed on the device or on the host), in milliseconds and as a ratio
   to the full SVD; the back-end ``svd="auto"`` picks and the fastest exact one.
-- ``solvers``: every solver (dps, psld, resample, daps, latent-daps) on the built-in models at
+- ``solvers``: every solver (dps, psld, resample, daps, latent-daps, diffpir) on the built-in models at
   64x64 with the ``builtin`` defaults (``--steps`` shortens them): time per solver step, the ratio
   of a step to one network forward + input VJP, and the DiffStateGrad overhead (time with /
   without) per SVD back-end.
@@ -77,7 +77,7 @@ from diffstategrad.solvers import solve
 
 CPU_PARTS = ("accuracy", "svd", "solvers", "batch", "precision")
 ALL_PARTS = CPU_PARTS + ("deepinv",)
-SOLVER_NAMES = ("dps", "psld", "resample", "daps", "latent-daps")
+SOLVER_NAMES = ("dps", "psld", "resample", "daps", "latent-daps", "diffpir")
 LATENT = ("psld", "resample", "latent-daps")
 TASK = "gaussian_deblur"
 PHOTO = Path(diffstategrad.__file__).parent / "examples" / "chelsea.jpg"
@@ -350,6 +350,32 @@ def part_svd(report: Report, args, device: torch.device) -> None:
                f"{args.repeats_note})", data, "svd")
 
 
+class TimedProjector(DiffStateGrad):
+    """DiffStateGrad with timers around its basis (SVD + rank) and projection calls: what the
+    projector itself costs inside a solver, independently of the run-to-run noise of a ratio."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = {"basis": 0.0, "project": 0.0}
+        self.calls = {"basis": 0, "project": 0}
+
+    def _timed(self, key, fn, *a):
+        start = time.perf_counter()
+        out = fn(*a)
+        self.seconds[key] += time.perf_counter() - start
+        self.calls[key] += 1
+        return out
+
+    def _decompose(self, state):
+        return self._timed("basis", super()._decompose, state)
+
+    def project(self, grad, basis):
+        return self._timed("project", super().project, grad, basis)
+
+
 def _fresh(basis):
     """The same basis, not yet used (so that a projection takes the first-use core form)."""
     return type(basis)(U=basis.U, Vh=basis.Vh, singular_values=basis.singular_values, ranks=basis.ranks, backend=basis.backend)
@@ -363,9 +389,24 @@ def _solver_steps(name: str, kwargs: dict, args) -> dict:
             kwargs.update(pixel_iters=3, latent_iters=3, early_stop_window=1, hdc_every=2)
         if name in ("daps", "latent-daps"):
             kwargs["mcmc_steps"] = min(kwargs.get("mcmc_steps", 5), 5)
-    elif args.steps:
-        kwargs["steps"] = args.steps
+    elif name in args.steps or "*" in args.steps:
+        kwargs["steps"] = args.steps.get(name, args.steps.get("*"))
     return kwargs
+
+
+def parse_steps(text: str | None) -> dict[str, int]:
+    """``--steps``: ``20`` (every solver) or ``20,resample=3,latent-daps=3`` (per solver)."""
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item:
+            continue
+        name, _, value = item.rpartition("=")
+        if name and name not in SOLVER_NAMES:
+            raise ValueError(f"--steps: unknown solver {name!r} (choose from {', '.join(SOLVER_NAMES)})")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--steps: {item!r} is not a positive step count")
+        out[name or "*"] = int(value)
+    return out
 
 
 def part_solvers(report: Report, args, device: torch.device) -> None:
@@ -385,13 +426,21 @@ def part_solvers(report: Report, args, device: torch.device) -> None:
         sec = interleaved(variants, args.repeats, device)
         step = sec["without"] / steps
         overhead = {label: sec[label] / sec["without"] for label in variants if label not in ("network", "without")}
-        rows.append([name, steps, step * 1e3, step / sec["network"], *overhead.values()])
-        data[name] = {"steps": steps, "seconds": sec, "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str))}}
+        timed = TimedProjector()  # the default projector (auto), its own calls timed
+        solve(name, prior, op, y, shape=tuple(x.shape[1:]), seeds=[0], projector=timed, **kwargs)
+        own = {k: v / steps for k, v in timed.seconds.items()}
+        rows.append([name, steps, step * 1e3, step / sec["network"], *overhead.values(), own["basis"] * 1e3,
+                     f"{own['project'] * 1e3:.3g} ({timed.calls['project'] / steps:.3g})",
+                     f"{100 * (own['basis'] + own['project']) / step:.2g} %"])
+        data[name] = {"steps": steps, "seconds": sec, "kwargs": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str))},
+                      "projector_seconds_per_step": own, "projector_calls": timed.calls}
     labels = [label for label in projectors(device) if label != "without"]
     report.add(f"Solvers at {size}x{size}: step cost and DiffStateGrad overhead",
-               table(["solver", "steps", "ms / step", "step / network fwd+VJP"] + [f"with / without ({label})" for label in labels], rows)
+               table(["solver", "steps", "ms / step", "step / network fwd+VJP"] + [f"with / without ({label})" for label in labels]
+                     + ["auto: basis ms / step", "auto: projections ms / step (calls)", "auto: projector share of a step"], rows)
                + f"\n\n(built-in models, `builtin` defaults{'' if not (args.steps or args.tiny) else ' with shortened runs'}, "
-               f"{TASK} of chelsea, batch 1; network = one epsilon-network forward + input VJP at the solver's state size; {args.repeats_note})",
+               f"{TASK} of chelsea, batch 1; network = one epsilon-network forward + input VJP at the solver's state size; "
+               f"the last three columns time the projector's own calls in one more run, against the step without it; {args.repeats_note})",
                data, "solvers")
 
 
@@ -585,7 +634,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None, help="default: cuda with --gpu, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1, or all with --gpu)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per comparison (medians are reported)")
-    parser.add_argument("--steps", type=int, default=None, help="solver steps in the solvers / batch parts (default: the builtin profile's)")
+    parser.add_argument("--steps", default=None,
+                        help="solver steps in the solvers / batch parts: N, or N,resample=M,... per solver (default: the builtin profile's)")
     parser.add_argument("--solvers", default=",".join(SOLVER_NAMES))
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--precision-steps", type=int, default=20, help="DPS steps of the precision part")
@@ -609,6 +659,10 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(ALL_PARTS)}")
     args.solvers = [s for s in args.solvers.split(",") if s]
+    try:
+        args.steps = parse_steps(args.steps)
+    except ValueError as error:
+        parser.error(str(error))
     if args.tiny:
         args.repeats, args.size = 1, 32
     args.repeats_note = f"median of {args.repeats} interleaved rounds after a warm-up"

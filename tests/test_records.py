@@ -101,3 +101,46 @@ def test_records_without_the_cost_fields_still_summarise(tmp_path):
     assert row["network_calls_mean"] == 50 and row["peak_memory_mb_max"] == 812.5 and row["wall_seconds_mean"] == 3.0
     write_summary([row], tmp_path)
     assert "| 50 | 812 (CUDA) |" in (tmp_path / "summary.md").read_text()
+
+
+
+def test_network_calls_are_counted_per_thread():
+    """Two threads sharing one prior each count their own passes, and one thread's pass in
+    progress does not make the other's look nested (before: one flag and one counter per prior,
+    so B's passes, made while A was inside one, ran plainly and uncounted)."""
+    import threading
+
+    import torch
+
+    from diffstategrad.priors.analytic import GaussianPrior
+    from diffstategrad.priors.base import count_network_calls
+
+    inside, release = threading.Event(), threading.Event()
+
+    class HeldPrior(GaussianPrior):  # thread A stays inside its first pass until released
+        def eps(self, x_t, t):
+            if threading.current_thread().name == "A" and not inside.is_set():
+                inside.set()
+                assert release.wait(10)
+            return super().eps(x_t, t)
+
+    prior = HeldPrior(shape=(1, 4, 4))
+    x = torch.zeros(1, 1, 4, 4)
+    counted = {}
+
+    def worker(n):
+        with count_network_calls(prior) as calls:
+            for _ in range(n):
+                prior.eps(x, 10)
+        counted[threading.current_thread().name] = calls.network
+
+    a = threading.Thread(target=worker, args=(3,), name="A")
+    b = threading.Thread(target=worker, args=(5,), name="B")
+    a.start()
+    assert inside.wait(10)
+    b.start()
+    b.join(10)
+    release.set()
+    a.join(10)
+    assert counted == {"A": 3, "B": 5}
+    assert prior.network_calls == 8

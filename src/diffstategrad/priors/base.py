@@ -13,16 +13,18 @@ any solver or adapter knowing; an unconfigured prior calls its methods directly.
 
 The same wrapper counts the network passes: ``prior.network_calls`` (the denoiser's passes:
 ``eps`` / ``eps_and_variance``) and ``prior.autoencoder_calls`` (``encode`` / ``decode``), each a
-running total per prior instance; ``count_network_calls(prior)`` counts those of a block. A call
-made inside another pass (the default ``eps_and_variance`` calls ``eps``) is part of that pass
-and is not counted again. A pass is one call over the whole batch; a VJP through it (DPS) is no
-extra call. Concurrent jobs sharing one prior instance (``serve --concurrency`` > 1) share its
-counters.
+running total per prior instance (all threads); ``count_network_calls(prior)`` counts those of
+a block, made by the calling thread. A call made inside another pass (the default
+``eps_and_variance`` calls ``eps``) is part of that pass and is not counted again. A pass is one
+call over the whole batch; a VJP through it (DPS) is no extra call. Concurrent jobs sharing one
+prior instance in threads (``serve --concurrency`` > 1) each count their own passes, and one
+job's pass never makes another's look nested.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -37,20 +39,38 @@ NETWORK_METHODS = ("eps", "eps_and_variance", "encode", "decode")
 _AUTOENCODER_METHODS = ("encode", "decode")
 
 
+_THREAD = threading.local()
+
+
+def _pass_state(prior) -> list:
+    """This thread's [inside a pass?, denoiser passes, autoencoder passes] for ``prior``: a pass
+    nested in another is recognised, and a block counted, per thread, so that two threads sharing
+    one prior (the web page's sessions) neither skip each other's network configuration nor count
+    each other's passes."""
+    table = getattr(_THREAD, "priors", None)
+    if table is None:
+        table = _THREAD.priors = {}
+    return table.setdefault(id(prior), [False, 0, 0])
+
+
 def _network_pass(fn, name: str):
     """``fn`` (a prior method) counted and routed through the prior's network configuration,
-    if any. A call nested in another pass of the same prior runs plainly and is not counted."""
+    if any. A call nested in another pass of the same prior (in the same thread) runs plainly and
+    is not counted."""
     autoencoder = name in _AUTOENCODER_METHODS
 
     @functools.wraps(fn)
     def method(self, x, *args, **kwargs):
-        if self._network_active:
+        state = _pass_state(self)
+        if state[0]:
             return fn(self, x, *args, **kwargs)
         if autoencoder:
             self.autoencoder_calls += 1
+            state[2] += 1
         else:
             self.network_calls += 1
-        self._network_active = True
+            state[1] += 1
+        state[0] = True
         try:
             if self._network_config is None:
                 return fn(self, x, *args, **kwargs)
@@ -58,7 +78,7 @@ def _network_pass(fn, name: str):
 
             return run_network(self, name, fn, x, args, kwargs)
         finally:
-            self._network_active = False
+            state[0] = False
 
     method.network_pass = True
     return method
@@ -75,17 +95,19 @@ class NetworkCalls:
 @contextmanager
 def count_network_calls(prior):
     """``with count_network_calls(prior) as calls: ...`` counts the passes of ``prior`` in the
-    block (``calls.network``, ``calls.autoencoder``); ``prior`` None counts nothing."""
+    block (``calls.network``, ``calls.autoencoder``), made by this thread; ``prior`` None counts
+    nothing."""
     calls = NetworkCalls()
     if prior is None:
         yield calls
         return
-    network, autoencoder = prior.network_calls, prior.autoencoder_calls
+    state = _pass_state(prior)  # this thread's passes only
+    network, autoencoder = state[1], state[2]
     try:
         yield calls
     finally:
-        calls.network = prior.network_calls - network
-        calls.autoencoder = prior.autoencoder_calls - autoencoder
+        calls.network = state[1] - network
+        calls.autoencoder = state[2] - autoencoder
 
 
 def as_timesteps(t, batch_size: int, device=None) -> torch.Tensor:
@@ -117,7 +139,6 @@ class DiffusionPrior(nn.Module):
     kind = "pixel"
     learned_variance = False
     _network_config = None  # a diffstategrad.precision.NetworkConfig once configured
-    _network_active = False  # inside a network pass (nested calls run plainly)
     network_calls = 0  # denoiser passes so far (eps / eps_and_variance), counted per instance
     autoencoder_calls = 0  # encode / decode passes so far
 

@@ -147,23 +147,28 @@ def _alive(pids) -> set[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGINT", "SIGINT to the group", "SIGTERM", "SIGKILL"])
 def test_stopping_evaluate_stops_its_workers(tiny_model, tmp_path, how):
-    """SIGTERM ends the run like Ctrl-C (exit 130, workers stopped at once); after a SIGKILL of
-    the parent the orphaned workers exit by themselves instead of computing on."""
+    """SIGINT (`kill -INT`; Ctrl-C in a terminal, which signals the whole process group, workers
+    included) and SIGTERM end the run (exit 130, workers stopped at once); after a SIGKILL of the
+    parent the orphaned workers exit by themselves instead of computing on."""
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "diffstategrad.cli", *EVAL, "--model", tiny_model, "--out", str(out), "--workers", "2"]
     cmd[cmd.index("3")] = "400"  # items far longer than the test
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline, workers = time.time() + 120, set()
     while time.time() < deadline and len(workers) < 2:  # two pool workers (plus the resource tracker)
         time.sleep(0.5)
         workers = {p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")}
     assert len(workers) == 2
     time.sleep(3)  # let them start on their items
-    proc.send_signal(getattr(signal, how))
+    if how == "SIGINT to the group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(getattr(signal, how))
     code = proc.wait(timeout=60)
-    if how == "SIGTERM":
+    if how != "SIGKILL":
         assert code == 130 and "interrupted" in proc.stderr.read()
     deadline = time.time() + 30
     while time.time() < deadline and _alive(workers):

@@ -384,17 +384,16 @@ def write_summary(rows: list[dict], out_dir: Path) -> None:
 def robustness_figure(rows: list[dict], path: Path, metric: str = "psnr") -> None:
     """The paper's robustness plot: ``metric`` against the guidance scale, with and without
     DiffStateGrad, one panel per (task, solver); error bars are one standard deviation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffstategrad.figures import grid_for, panel_grid
 
     panels = sorted({(r["task"], r["solver"]) for r in rows if _needs_prior(r["solver"])})
     if not panels:
         return
-    cols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    with panel_grid(path, *grid_for(len(panels)), panel=(4.2, 3.4), used=len(panels)) as (_, axes):
+        _robustness_panels(axes, panels, rows, metric)
+
+
+def _robustness_panels(axes, panels, rows, metric):
     for ax, (task, solver) in zip(axes.flat, panels):
         for dsg, style in ((False, dict(color="tab:gray", marker="o", label="without")), (True, dict(color="tab:red", marker="s", label="with DiffStateGrad"))):
             pts = sorted((r["guidance_multiplier"], r[f"{metric}_mean"], r[f"{metric}_std"]) for r in rows
@@ -413,8 +412,3 @@ def robustness_figure(rows: list[dict], path: Path, metric: str = "psnr") -> Non
         ax.set_ylabel(metric.upper())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

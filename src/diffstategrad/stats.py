@@ -104,17 +104,16 @@ def write_paired(rows: list[dict], out_dir: Path, metric: str = "psnr") -> None:
 def paired_figure(rows: list[dict], path: Path, metric: str = "psnr") -> None:
     """The paired difference (with - without) against the guidance multiplier with its 95 %
     interval, one panel per task, one line per solver; zero is no effect."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffstategrad.figures import grid_for, panel_grid
 
     tasks = sorted({r["task"] for r in rows})
     if not tasks:
         return
-    cols = min(3, len(tasks))
-    nrows = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.3 * nrows), squeeze=False)
+    with panel_grid(path, *grid_for(len(tasks)), used=len(tasks)) as (_, axes):
+        _paired_panels(axes, tasks, rows, metric)
+
+
+def _paired_panels(axes, tasks, rows, metric):
     for ax, task in zip(axes.flat, tasks):
         for k, solver in enumerate(sorted({r["solver"] for r in rows if r["task"] == task})):
             pts = sorted((r["guidance_multiplier"], r["difference"], r["ci_low"], r["ci_high"]) for r in rows
@@ -129,8 +128,3 @@ def paired_figure(rows: list[dict], path: Path, metric: str = "psnr") -> None:
         ax.set_ylabel(f"{metric.upper()} with - without DSG")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(tasks):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

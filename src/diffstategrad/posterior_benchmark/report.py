@@ -175,50 +175,48 @@ def task_figures(records: list[dict], out_dir: Path) -> list[Path]:
     without; the grey band is the estimator's noise floor (mean +- one standard deviation over
     the measurements); a cross marks configurations where half the samples or more failed (their
     distances are those of the last finite states)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from diffstategrad.figures import panel_grid, pyplot
 
     out_dir = Path(out_dir)
     paths = []
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
     for task in dict.fromkeys(r["task"] for r in records):
         rs = [r for r in records if r["task"] == task]
         shapes = list(dict.fromkeys(r["shape"] for r in rs))
         noises = list(dict.fromkeys(r["noise_sigma"] for r in rs))
         solvers = list(dict.fromkeys(r["solver"] for r in rs))
-        fig, axes = plt.subplots(len(shapes), len(noises), figsize=(3.6 * len(noises), 2.9 * len(shapes)), squeeze=False, sharex=True)
-        for i, shape in enumerate(shapes):
-            for j, noise in enumerate(noises):
-                ax = axes[i][j]
-                cell = [r for r in rs if r["shape"] == shape and r["noise_sigma"] == noise]
-                floor, spread = cell[0]["sw_floor"], cell[0]["sw_floor_std"]
-                ax.axhspan(max(floor - spread, 1e-6), floor + spread, color="0.85", zorder=0)
-                ax.axhline(floor, color="0.5", lw=1, zorder=1)
-                for k, solver in enumerate(solvers):
-                    for dsg, style in ((False, "--"), (True, "-")):
-                        line = sorted((r for r in cell if r["solver"] == solver and r["diffstategrad"] == dsg), key=lambda r: r["multiplier"])
-                        xs = [r["multiplier"] for r in line]
-                        ys = [r["sw"] if math.isfinite(r["sw"]) else float("nan") for r in line]
-                        colour = colours[k % len(colours)]
-                        ax.plot(xs, ys, style, marker="o", ms=3, color=colour, label=f"{solver}{' + DSG' if dsg else ''}")
-                        failed = [(x, y) for x, y, r in zip(xs, ys, line) if r["failure_rate"] >= 0.5]
-                        if failed:
-                            ax.plot(*zip(*failed), "x", ms=8, mew=1.5, color=colour)
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-                ax.set_title(f"{shape}, noise {noise:g}", fontsize=9)
-                if j == 0:
-                    ax.set_ylabel("SW to exact posterior")
-                if i == len(shapes) - 1:
-                    ax.set_xlabel("guidance multiplier")
-                ax.tick_params(labelsize=8)
-        axes[0][0].legend(fontsize=7, loc="best")
-        fig.suptitle(f"{task}: distance to the exact posterior (grey: noise floor; x: half the samples or more failed)", fontsize=9)
-        fig.tight_layout()
         path = out_dir / f"posterior_{task}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        with panel_grid(path, len(shapes), len(noises), panel=(3.6, 2.9), dpi=90, sharex=True) as (fig, axes):
+            _task_panels(fig, axes, task, rs, shapes, noises, solvers, colours)
         paths.append(path)
     return paths
+
+
+def _task_panels(fig, axes, task, rs, shapes, noises, solvers, colours):
+    for i, shape in enumerate(shapes):
+        for j, noise in enumerate(noises):
+            ax = axes[i][j]
+            cell = [r for r in rs if r["shape"] == shape and r["noise_sigma"] == noise]
+            floor, spread = cell[0]["sw_floor"], cell[0]["sw_floor_std"]
+            ax.axhspan(max(floor - spread, 1e-6), floor + spread, color="0.85", zorder=0)
+            ax.axhline(floor, color="0.5", lw=1, zorder=1)
+            for k, solver in enumerate(solvers):
+                for dsg, style in ((False, "--"), (True, "-")):
+                    line = sorted((r for r in cell if r["solver"] == solver and r["diffstategrad"] == dsg), key=lambda r: r["multiplier"])
+                    xs = [r["multiplier"] for r in line]
+                    ys = [r["sw"] if math.isfinite(r["sw"]) else float("nan") for r in line]
+                    colour = colours[k % len(colours)]
+                    ax.plot(xs, ys, style, marker="o", ms=3, color=colour, label=f"{solver}{' + DSG' if dsg else ''}")
+                    failed = [(x, y) for x, y, r in zip(xs, ys, line) if r["failure_rate"] >= 0.5]
+                    if failed:
+                        ax.plot(*zip(*failed), "x", ms=8, mew=1.5, color=colour)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{shape}, noise {noise:g}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("SW to exact posterior")
+            if i == len(shapes) - 1:
+                ax.set_xlabel("guidance multiplier")
+            ax.tick_params(labelsize=8)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{task}: distance to the exact posterior (grey: noise floor; x: half the samples or more failed)", fontsize=9)

@@ -1,12 +1,14 @@
 """Tune the guidance scale of every solver for the built-in models (configs/solvers.yaml, the
 ``builtin`` blocks).
 
-For each solver and task, ``diffstategrad evaluate`` runs the solver WITHOUT DiffStateGrad at
-multiples of its current built-in default on a few held-out photographs (64x64), and the
-multiple with the best mean PSNR wins. The script prints the resulting ``builtin`` task
-entries as YAML, ready to paste into configs/solvers.yaml, and keeps every record in --out.
+For each solver and task, ``diffstategrad evaluate`` runs the solver without DiffStateGrad (or,
+with ``--diffstategrad with``, with it) at multiples of its current built-in default on the
+*tuning* photographs (64x64; the ``tune`` split of ``diffstategrad data build``, never the
+held-out ``val`` images results are reported on: the script refuses those), and the multiple
+with the best mean PSNR wins. It prints the resulting ``builtin`` task entries as YAML, ready
+to paste into configs/solvers.yaml, and keeps every record in --out.
 
-    python benchmarks/tune_builtin.py --images data/photos/val --limit-images 2 --out runs/tune \
+    python benchmarks/tune_builtin.py --images data/photos/tune --limit-images 2 --out runs/tune \
         --multipliers 0.3,1,3,10 --workers 2
 
 Re-running resumes (the evaluation records are resumable).
@@ -23,6 +25,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from diffstategrad.cli import main as cli
+from diffstategrad.data import VALIDATION_IMAGES
 from diffstategrad.operators import list_tasks
 from diffstategrad.presets import solver_defaults
 from diffstategrad.solvers import SOLVERS
@@ -30,7 +33,8 @@ from diffstategrad.solvers import SOLVERS
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", default="data/photos/val")
+    parser.add_argument("--images", default="data/photos/tune", help="a folder of tuning photographs (held-out names are refused)")
+    parser.add_argument("--diffstategrad", choices=("without", "with"), default="without", help="tune the solver without or with the projector")
     parser.add_argument("--limit-images", type=int, default=2, help="use the first N images (sorted by name)")
     parser.add_argument("--solvers", default=",".join(sorted(SOLVERS)))
     parser.add_argument("--tasks", default=",".join(t for t in list_tasks() if t != "nonlinear_deblur"))
@@ -48,13 +52,16 @@ def main():
         subset.mkdir()
         for f in files:
             shutil.copy(f, subset / f.name)
+    held_out = sorted(f.name for f in subset.iterdir() if f.stem in VALIDATION_IMAGES)
+    if held_out:  # checked on the copies too: a folder left by an earlier run is not trusted
+        raise SystemExit(f"tune_builtin.py: {', '.join(held_out)} are held-out images (results are reported on them); tune on data/photos/tune")
     best = {}
     for solver in args.solvers.split(","):
-        run_dir = out / solver
+        run_dir = out / (solver if args.diffstategrad == "without" else f"{solver}-with-dsg")
         result = CliRunner().invoke(
             cli,
             ["evaluate", "--images", str(subset), "--tasks", args.tasks, "--solvers", solver, "--guidance-scales", args.multipliers,
-             "--seeds", "0", "--size", str(args.size), "--diffstategrad", "without", "--workers", str(args.workers), "--out", str(run_dir), "--quiet"],
+             "--seeds", "0", "--size", str(args.size), "--diffstategrad", args.diffstategrad, "--workers", str(args.workers), "--out", str(run_dir), "--quiet"],
             catch_exceptions=False,
         )
         if result.exit_code != 0:
@@ -62,7 +69,7 @@ def main():
         scores = defaultdict(list)
         for line in (run_dir / "records.jsonl").read_text().splitlines():
             r = json.loads(line)
-            if not r["diffstategrad"]:
+            if r["diffstategrad"] == (args.diffstategrad == "with"):
                 scores[(r["task"], r["guidance_scale"])].append(r["psnr"] if r["psnr"] is not None else float("-inf"))
         for task in args.tasks.split(","):
             cands = {m: sum(v) / len(v) for (t, m), v in scores.items() if t == task}

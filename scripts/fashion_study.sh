@@ -47,7 +47,7 @@ else
       --guidance-multipliers "$mults" --seeds "$seeds" "${common[@]}" --out "$OUT/fashion-study-$mode/$task" || [[ $? == 3 ]]
   done
 fi
-# the second noise level, on box inpainting (the presets' sigma is 0.05)
+# the second noise level, on box inpainting (the presets' sigma is 0.01)
 if [[ -n $noise_solvers ]]; then
   $PY -m diffstategrad.cli evaluate --images "$images" --tasks box_inpainting --task-option noise.sigma=0.2 --solvers "$noise_solvers" \
     --guidance-multipliers "$mults" --seeds "$seeds" "${common[@]}" --out "$OUT/fashion-noise0.2-$mode" || [[ $? == 3 ]]

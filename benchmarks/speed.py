@@ -356,9 +356,6 @@ class TimedProjector(DiffStateGrad):
 
     def __post_init__(self):
         super().__post_init__()
-        self.reset()
-
-    def reset(self) -> None:
         self.seconds = {"basis": 0.0, "project": 0.0}
         self.calls = {"basis": 0, "project": 0}
 

@@ -25,13 +25,13 @@ case $mode in
     images=fashion-test:200; seeds=0; solvers=tv,dps,diffpir; mults=0.3,1,3,10
     tasks=box_inpainting,super_resolution; noise_solvers=tv,dps ;;
   more)
-    # motion deblurring with DPS, DAPS and DiffPIR, x0.3-x30 (about 80 minutes on 2 cores); no noise run
+    # motion deblurring with DPS, DAPS and DiffPIR, x0.3-x30 (6,200 items: 55 minutes on 2 cores); no noise run
     images=fashion-test:200; seeds=0; solvers=tv,dps,daps,diffpir; mults=0.3,1,3,10,30
     tasks=motion_deblur; noise_solvers= ;;
   full)
     # what issue 11 asks: 200 images, 2 seeds, 5 tasks, every pixel solver, x0.3-x30: 20,000 items
-    # per solver; at the measured 1.0 s (DPS), 0.47 s (DiffPIR) and DAPS's per image, about 8 h on
-    # 2 cores (see docs/claims.md)
+    # per solver; at the measured 1.0-1.5 s (DPS), 1.4-1.75 s (DAPS) and 0.5-0.6 s (DiffPIR) per
+    # image and core, about 9 h on 2 cores (see docs/claims.md)
     images=fashion-test:200; seeds=0,1; solvers=tv,dps,daps,diffpir; mults=0.3,1,3,10,30
     tasks=box_inpainting,super_resolution,gaussian_deblur,motion_deblur,phase_retrieval; noise_solvers=$solvers ;;
   *) echo "usage: $0 [full|quick|more]" >&2; exit 2 ;;
@@ -54,5 +54,5 @@ fi
 # the second noise level, on box inpainting (the presets' sigma is 0.01)
 if [[ -n $noise_solvers ]]; then
   $PY -m diffstategrad.cli evaluate --images "$images" --tasks box_inpainting --task-option noise.sigma=0.2 --solvers "$noise_solvers" \
-    --guidance-multipliers "$mults" --seeds "$seeds" "${common[@]}" --out "$OUT/fashion-noise0.2-$mode" || [[ $? == 3 ]]
+    --guidance-multipliers "$mults" --seeds "$seeds" "${common[@]}" --out "$OUT/fashion-study-$mode-noise0.2" || [[ $? == 3 ]]
 fi

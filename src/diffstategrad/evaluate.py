@@ -390,25 +390,21 @@ def robustness_figure(rows: list[dict], path: Path, metric: str = "psnr") -> Non
     if not panels:
         return
     with panel_grid(path, *grid_for(len(panels)), panel=(4.2, 3.4), used=len(panels)) as (_, axes):
-        _robustness_panels(axes, panels, rows, metric)
-
-
-def _robustness_panels(axes, panels, rows, metric):
-    for ax, (task, solver) in zip(axes.flat, panels):
-        for dsg, style in ((False, dict(color="tab:gray", marker="o", label="without")), (True, dict(color="tab:red", marker="s", label="with DiffStateGrad"))):
-            pts = sorted((r["guidance_multiplier"], r[f"{metric}_mean"], r[f"{metric}_std"]) for r in rows
-                         if r["task"] == task and r["solver"] == solver and r["diffstategrad"] == dsg)
-            if pts:
-                xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=es, capsize=3, **style)
-        classical = (r for r in rows if r["task"] == task and not _needs_prior(r["solver"]) and math.isfinite(r[f"{metric}_mean"]))
-        for k, r in enumerate(classical):  # (not finite: e.g. LPIPS with --lpips none, which a log axis cannot take)
-            ax.axhline(r[f"{metric}_mean"], color=f"C{k + 2}", ls="--", lw=1, label=r["solver"])
-        scales = [r["guidance_multiplier"] for r in rows if r["task"] == task and r["solver"] == solver]
-        ax.set_xscale("log")  # limits set from the grid: a panel whose points are all NaN (failed) still draws
-        ax.set_xlim(min(scales) / 1.5, max(scales) * 1.5)
-        ax.set_title(f"{task} / {solver}", fontsize=10)
-        ax.set_xlabel("guidance scale (x default)")
-        ax.set_ylabel(metric.upper())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for ax, (task, solver) in zip(axes.flat, panels):
+            for dsg, style in ((False, dict(color="tab:gray", marker="o", label="without")), (True, dict(color="tab:red", marker="s", label="with DiffStateGrad"))):
+                pts = sorted((r["guidance_multiplier"], r[f"{metric}_mean"], r[f"{metric}_std"]) for r in rows
+                             if r["task"] == task and r["solver"] == solver and r["diffstategrad"] == dsg)
+                if pts:
+                    xs, ys, es = zip(*pts)
+                    ax.errorbar(xs, ys, yerr=es, capsize=3, **style)
+            classical = (r for r in rows if r["task"] == task and not _needs_prior(r["solver"]) and math.isfinite(r[f"{metric}_mean"]))
+            for k, r in enumerate(classical):  # (not finite: e.g. LPIPS with --lpips none, which a log axis cannot take)
+                ax.axhline(r[f"{metric}_mean"], color=f"C{k + 2}", ls="--", lw=1, label=r["solver"])
+            scales = [r["guidance_multiplier"] for r in rows if r["task"] == task and r["solver"] == solver]
+            ax.set_xscale("log")  # limits set from the grid: a panel whose points are all NaN (failed) still draws
+            ax.set_xlim(min(scales) / 1.5, max(scales) * 1.5)
+            ax.set_title(f"{task} / {solver}", fontsize=10)
+            ax.set_xlabel("guidance scale (x default)")
+            ax.set_ylabel(metric.upper())
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)

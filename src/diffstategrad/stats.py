@@ -110,21 +110,17 @@ def paired_figure(rows: list[dict], path: Path, metric: str = "psnr") -> None:
     if not tasks:
         return
     with panel_grid(path, *grid_for(len(tasks)), used=len(tasks)) as (_, axes):
-        _paired_panels(axes, tasks, rows, metric)
-
-
-def _paired_panels(axes, tasks, rows, metric):
-    for ax, task in zip(axes.flat, tasks):
-        for k, solver in enumerate(sorted({r["solver"] for r in rows if r["task"] == task})):
-            pts = sorted((r["guidance_multiplier"], r["difference"], r["ci_low"], r["ci_high"]) for r in rows
-                         if r["task"] == task and r["solver"] == solver)
-            xs, ys, lo, hi = (np.array(v, dtype=float) for v in zip(*pts))
-            err = np.nan_to_num(np.stack([ys - lo, hi - ys]), nan=0.0)
-            ax.errorbar(xs, ys, yerr=err, marker="os^dv"[k % 5], capsize=3, label=solver, color=f"C{k}")
-        ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_title(task, fontsize=10)
-        ax.set_xlabel("guidance step size (x default)")
-        ax.set_ylabel(f"{metric.upper()} with - without DSG")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        for ax, task in zip(axes.flat, tasks):
+            for k, solver in enumerate(sorted({r["solver"] for r in rows if r["task"] == task})):
+                pts = sorted((r["guidance_multiplier"], r["difference"], r["ci_low"], r["ci_high"]) for r in rows
+                             if r["task"] == task and r["solver"] == solver)
+                xs, ys, lo, hi = (np.array(v, dtype=float) for v in zip(*pts))
+                err = np.nan_to_num(np.stack([ys - lo, hi - ys]), nan=0.0)
+                ax.errorbar(xs, ys, yerr=err, marker="os^dv"[k % 5], capsize=3, label=solver, color=f"C{k}")
+            ax.axhline(0.0, color="black", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_title(task, fontsize=10)
+            ax.set_xlabel("guidance step size (x default)")
+            ax.set_ylabel(f"{metric.upper()} with - without DSG")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)

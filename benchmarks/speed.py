@@ -69,7 +69,7 @@ from diffstategrad import DiffStateGrad
 from diffstategrad.images import load_image
 from diffstategrad.metrics import psnr
 from diffstategrad.operators import Inpaint, load_task
-from diffstategrad.pipeline import solver_kwargs
+from diffstategrad.pipeline import parse_steps as pipeline_parse_steps, solver_kwargs, steps_for
 from diffstategrad.precision import PrecisionError, check_precision, configure_network
 from diffstategrad.priors import load_prior
 from diffstategrad.projection import auto_svd_backend
@@ -386,24 +386,18 @@ def _solver_steps(name: str, kwargs: dict, args) -> dict:
             kwargs.update(pixel_iters=3, latent_iters=3, early_stop_window=1, hdc_every=2)
         if name in ("daps", "latent-daps"):
             kwargs["mcmc_steps"] = min(kwargs.get("mcmc_steps", 5), 5)
-    elif name in args.steps or "*" in args.steps:
-        kwargs["steps"] = args.steps.get(name, args.steps.get("*"))
+    elif steps_for(args.steps, name) is not None:
+        kwargs["steps"] = steps_for(args.steps, name)
     return kwargs
 
 
 def parse_steps(text: str | None) -> dict[str, int]:
-    """``--steps``: ``20`` (every solver) or ``20,resample=3,latent-daps=3`` (per solver)."""
-    out: dict[str, int] = {}
-    for item in (text or "").split(","):
-        if not item:
-            continue
-        name, _, value = item.rpartition("=")
-        if name and name not in SOLVER_NAMES:
-            raise ValueError(f"--steps: unknown solver {name!r} (choose from {', '.join(SOLVER_NAMES)})")
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--steps: {item!r} is not a positive step count")
-        out[name or "*"] = int(value)
-    return out
+    """``--steps``: ``20`` (every solver) or ``20,resample=3,latent-daps=3`` (per solver); the
+    parser ``evaluate --steps`` uses, as a mapping ("*": every other solver)."""
+    if not text:
+        return {}
+    steps = pipeline_parse_steps(text, SOLVER_NAMES)
+    return {"*": steps} if isinstance(steps, int) else steps
 
 
 def part_solvers(report: Report, args, device: torch.device) -> None:

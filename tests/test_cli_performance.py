@@ -295,3 +295,31 @@ def test_two_workers_on_cuda_give_the_records_of_one(tiny_model, tmp_path):
         assert abs(one[key]["psnr"] - two[key]["psnr"]) < 1e-3 and one[key]["network_calls"] == two[key]["network_calls"] == 3
         assert two[key]["peak_memory_kind"] == "cuda_max_allocated"
     assert {r["device"] for r in two.values()} == set(devices.split(","))
+
+
+def test_steps_take_one_count_or_one_per_solver():
+    from diffstategrad.pipeline import parse_steps, steps_for
+
+    assert parse_steps("20") == 20  # one count stays an int: folders written before resume
+    steps = parse_steps("15, daps=12")
+    assert steps == {"*": 15, "daps": 12}
+    assert steps_for(steps, "daps") == 12 and steps_for(steps, "dps") == 15 and steps_for(None, "dps") is None
+    assert steps_for(parse_steps("daps=12"), "dps") is None  # no bare count: the others keep their preset's
+    for bad, message in (("0", "positive"), ("dps=x", "positive"), ("nope=3", "unknown solver"), ("4,4", "twice"), (",", "empty")):
+        with pytest.raises(ValueError, match=message):
+            parse_steps(bad)
+
+
+def test_evaluate_runs_each_solver_at_its_own_step_count(tiny_model, tmp_path):
+    out = tmp_path / "eval"
+    args = ["evaluate", "--images", "examples", "--tasks", "box_inpainting", "--solvers", "dps,daps", "--diffstategrad", "without",
+            "--size", "16", "--lpips", "none", "--batch", "3", "--quiet", "--model", tiny_model, "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--steps", "3,daps=2"])
+    assert result.exit_code in (0, 3), result.output
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {(r["solver"], r["steps"]) for r in records} == {("dps", 3), ("daps", 2)}
+    assert json.loads((out / "evaluate.json").read_text())["steps"] == {"*": 3, "daps": 2}
+    again = CliRunner().invoke(main, [*args, "--steps", "3"])  # other step counts: refused, not mixed in
+    assert again.exit_code == 1 and "other settings" in again.output, again.output
+    bad = CliRunner().invoke(main, [*args, "--steps", "3,dsp=2"])
+    assert bad.exit_code != 0 and "unknown solver 'dsp'" in bad.output and "Traceback" not in bad.output, bad.output

@@ -389,7 +389,8 @@ def _terminate_as_interrupt(signum, frame):
 @click.option("--samples", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Posterior samples per item; with more than one, the records score their mean too.")
 @click.option("--size", type=click.IntRange(8, 4096), default=None, help="Image side in pixels (default: the built-in --model's own size, 32 for fashion; else 64).")
-@click.option("--steps", type=click.IntRange(1, 100000), default=None, help="Solver steps (default: each preset's).")
+@click.option("--steps", default=None, metavar="N[,SOLVER=N,...]",
+              help="Solver steps (default: each preset's); per solver as 20,daps=10 (the bare count is the other solvers').")
 @click.option("--model", default=None, help="Pixel model for pixel solvers (built-in name or converted folder).")
 @click.option("--latent-model", default=None, help="Latent model for latent solvers (built-in name or converted folder).")
 @projector_options
@@ -418,13 +419,18 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     from diffstategrad.evaluate import EvaluationSettingsError, make_grid, open_evaluation, robustness_figure, run_items, summarize, \
         unsupported_cells, write_summary
     from diffstategrad.operators import list_tasks
-    from diffstategrad.pipeline import EvalContext, PipelineError, check_network_options, evaluate_items, resolve_device, resolve_devices
+    from diffstategrad.pipeline import EvalContext, PipelineError, check_network_options, evaluate_items, parse_steps, resolve_device, \
+        resolve_devices
     from diffstategrad.records import FolderInUseError, item_key
     from diffstategrad.solvers import solver_names
     from diffstategrad.stats import paired_differences, paired_figure, write_paired
 
     task_list, solver_list = names(tasks, "--tasks"), names(solvers, "--solvers")
     size = size or _model_size(model)
+    try:
+        steps = None if steps is None else parse_steps(steps)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     for t in task_list:
         if t not in list_tasks():
             raise UserError(f"unknown task {t!r}; choose from {', '.join(list_tasks())}")

@@ -40,7 +40,7 @@ from diffstategrad.priors import DiffusionPrior, load_prior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.records import guidance_multiplier, reconstruction_path
 from diffstategrad.rng import SampleGenerators, derive_seed
-from diffstategrad.solvers import SolveResult, solve, solver_spec
+from diffstategrad.solvers import SolveResult, solve, solver_names, solver_spec
 
 __all__ = ["PipelineError", "Job", "BatchResult", "EvalContext", "resolve_device", "resolve_devices", "resolve_model",
            "check_network_options", "configure_prior", "peak_memory", "reset_peak_memory", "defaults_profile",
@@ -193,6 +193,38 @@ def default_size(prior: DiffusionPrior | None) -> int:
     if info.get("image_size"):
         return int(info["image_size"])
     return 128 if prior.kind == "latent" else 64
+
+
+def parse_steps(text: str, solvers=None) -> int | dict[str, int]:
+    """``--steps``: ``20`` (every solver) or ``20,daps=10`` (per solver; a bare count is the
+    others'). One count for all is returned as an int, so settings written before per-solver
+    counts existed compare equal. ``solvers``: the names allowed (default: the registry's)."""
+    known = solver_names() if solvers is None else list(solvers)
+    out: dict[str, int] = {}
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, value = item.rpartition("=")
+        name = name.strip()
+        if name and name not in known:
+            raise ValueError(f"--steps: unknown solver {name!r} (choose from {', '.join(known)})")
+        if not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--steps: {item!r} is not a positive step count")
+        if (name or "*") in out:
+            raise ValueError(f"--steps: {name or 'the default count'} given twice")
+        out[name or "*"] = int(value)
+    if not out:
+        raise ValueError("--steps is empty")
+    return out["*"] if list(out) == ["*"] else out
+
+
+def steps_for(steps, solver: str) -> int | None:
+    """The step count ``steps`` (None, an int, or a ``parse_steps`` mapping) gives ``solver``;
+    None: the preset's."""
+    if steps is None or isinstance(steps, int):
+        return steps
+    return steps.get(solver, steps.get("*"))
 
 
 def solver_kwargs(solver: str, task: str, *, steps=None, guidance_scale=None, guidance_multiplier: float = 1.0, overrides=None,
@@ -454,7 +486,7 @@ class EvalContext:
     solvers: tuple[str, ...]
     size: int
     out: str
-    steps: int | None = None
+    steps: int | Mapping[str, int] | None = None  # parse_steps: one count, or per solver ("*": the others)
     samples: int = 1
     device: str = "auto"
     threads: int = 1
@@ -530,7 +562,7 @@ def evaluate_items(items: list[dict], context: EvalContext) -> list[dict]:
     kind = solver_spec(first["solver"]).default_prior
     x = torch.cat([state["images"][it["image"]] for it in items])
     job = Job(first["task"], first["solver"], DiffStateGrad.from_dict(dict(context.projector)) if first["diffstategrad"] else None,
-              steps=context.steps, guidance_multiplier=guidance_multiplier(first), samples=context.samples,
+              steps=steps_for(context.steps, first["solver"]), guidance_multiplier=guidance_multiplier(first), samples=context.samples,
               task_overrides=context.task_overrides, profile=state["profiles"][kind])
     batch = run_job(state["priors"][kind], job, x, [first["seed"]] * len(items), lpips=state["lpips"])
     records = []

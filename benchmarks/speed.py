@@ -69,7 +69,7 @@ from diffstategrad import DiffStateGrad
 from diffstategrad.images import load_image
 from diffstategrad.metrics import psnr
 from diffstategrad.operators import Inpaint, load_task
-from diffstategrad.pipeline import parse_steps as pipeline_parse_steps, solver_kwargs, steps_for
+from diffstategrad.pipeline import parse_steps, solver_kwargs, steps_for
 from diffstategrad.precision import PrecisionError, check_precision, configure_network
 from diffstategrad.priors import load_prior
 from diffstategrad.projection import auto_svd_backend
@@ -386,18 +386,9 @@ def _solver_steps(name: str, kwargs: dict, args) -> dict:
             kwargs.update(pixel_iters=3, latent_iters=3, early_stop_window=1, hdc_every=2)
         if name in ("daps", "latent-daps"):
             kwargs["mcmc_steps"] = min(kwargs.get("mcmc_steps", 5), 5)
-    elif steps_for(args.steps, name) is not None:
-        kwargs["steps"] = steps_for(args.steps, name)
+    elif (steps := steps_for(args.steps, name)) is not None:
+        kwargs["steps"] = steps
     return kwargs
-
-
-def parse_steps(text: str | None) -> dict[str, int]:
-    """``--steps``: ``20`` (every solver) or ``20,resample=3,latent-daps=3`` (per solver); the
-    parser ``evaluate --steps`` uses, as a mapping ("*": every other solver)."""
-    if not text:
-        return {}
-    steps = pipeline_parse_steps(text, SOLVER_NAMES)
-    return {"*": steps} if isinstance(steps, int) else steps
 
 
 def part_solvers(report: Report, args, device: torch.device) -> None:
@@ -651,7 +642,7 @@ def main(argv=None) -> None:
         parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(ALL_PARTS)}")
     args.solvers = [s for s in args.solvers.split(",") if s]
     try:
-        args.steps = parse_steps(args.steps)
+        args.steps = parse_steps(args.steps, SOLVER_NAMES) if args.steps else None
     except ValueError as error:
         parser.error(str(error))
     if args.tiny:

@@ -33,9 +33,9 @@ case $mode in
   full)
     # what issue 11 asks: 200 images, 2 seeds, 5 tasks, every pixel solver, x0.3-x30 (20,000 items
     # per solver) and the noise run (6,000 more), at 15 steps (DAPS 12 annealing steps x 3 ODE
-    # steps; TV keeps its preset iterations): on 25 images these score within about 1 dB of 50 steps (docs/claims.md), and the
-    # whole grid fits in 2 hours on 2 cores (0.20 / 0.28 / 0.12 s per DPS / DAPS / DiffPIR image
-    # and core); at 50 steps it is about 6 h
+    # steps; TV keeps its preset iterations): on 25 images within about 1 dB of 50 steps
+    # (docs/claims.md). Measured: 19 min per task on 2 cores (0.21 / 0.25 / 0.10 s per DPS / DAPS /
+    # DiffPIR image and core), about 105 min for the grid with its noise run; 50 steps: about 6 h
     images=fashion-test:200; seeds=0,1; solvers=tv,dps,daps,diffpir; mults=0.3,1,3,10,30; steps=dps=15,daps=12,diffpir=15
     tasks=box_inpainting,super_resolution,gaussian_deblur,motion_deblur,phase_retrieval; noise_solvers=$solvers ;;
   *) echo "usage: $0 [full|quick|more]" >&2; exit 2 ;;

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from diffstategrad.evaluate import robustness_figure, summarize
-from diffstategrad.records import guidance_multiplier
 from diffstategrad.stats import paired_differences, paired_figure
 
 
@@ -40,16 +39,12 @@ def load(folder: Path) -> list[dict]:
 
 
 def per_seed(records: list[dict]) -> dict:
-    """(task, solver, multiplier) -> {seed: mean paired PSNR difference}."""
-    sides: dict = defaultdict(dict)
-    for r in records:
-        if r.get("psnr") is not None and r["solver"] not in ("tv", "pseudo-inverse"):
-            sides[(r["task"], r["solver"], guidance_multiplier(r), r["seed"], r["image"])][bool(r["diffstategrad"])] = r["psnr"]
-    out: dict = defaultdict(lambda: defaultdict(list))
-    for (task, solver, mult, seed, _), pair in sides.items():
-        if len(pair) == 2:
-            out[(task, solver, mult)][seed].append(pair[True] - pair[False])
-    return {k: {s: float(np.mean(v)) for s, v in seeds.items()} for k, seeds in out.items()}
+    """(task, solver, multiplier) -> {seed: mean paired PSNR difference of that seed alone}."""
+    out: dict = defaultdict(dict)
+    for seed in sorted({r["seed"] for r in records}):
+        for row in paired_differences([r for r in records if r["seed"] == seed]):
+            out[(row["task"], row["solver"], row["guidance_multiplier"])][seed] = row["difference"]
+    return out
 
 
 def main(argv=None) -> None:

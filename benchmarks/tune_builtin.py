@@ -2,7 +2,8 @@
 ``builtin`` blocks).
 
 For each solver and task, ``diffstategrad evaluate`` runs the solver without DiffStateGrad (or,
-with ``--diffstategrad with``, with it) at multiples of its current built-in default on the
+with ``--diffstategrad with``, with it: the values for the profile's ``with_diffstategrad``
+block) at multiples of its current plain built-in default on the
 *tuning* photographs (64x64; the ``tune`` split of ``diffstategrad data build``, never the
 held-out ``val`` images results are reported on: the script refuses those), and the multiple
 with the best mean PSNR wins. It prints the resulting ``builtin`` task entries as YAML, ready
@@ -61,7 +62,7 @@ def main():
         result = CliRunner().invoke(
             cli,
             ["evaluate", "--images", str(subset), "--tasks", args.tasks, "--solvers", solver, "--guidance-scales", args.multipliers,
-             "--seeds", "0", "--size", str(args.size), "--diffstategrad", args.diffstategrad, "--workers", str(args.workers), "--out", str(run_dir), "--quiet"],
+             "--seeds", "0", "--size", str(args.size), "--diffstategrad", args.diffstategrad, "--dsg-defaults", "shared", "--workers", str(args.workers), "--out", str(run_dir), "--quiet"],
             catch_exceptions=False,
         )
         if result.exit_code != 0:
@@ -76,7 +77,8 @@ def main():
             m_best = max(cands, key=cands.get)
             value = solver_defaults(solver, task, "builtin")["guidance_scale"] * m_best
             best[(solver, task)] = (value, m_best, cands)
-    print("# paste into configs/solvers.yaml, under each solver's builtin.tasks")
+    where = "builtin.tasks" if args.diffstategrad == "without" else "builtin.with_diffstategrad.tasks"
+    print(f"# paste into configs/solvers.yaml, under each solver's {where} (multiples of the plain builtin value)")
     for solver in args.solvers.split(","):
         print(f"{solver}:")
         for task in args.tasks.split(","):

@@ -19,7 +19,8 @@ OUT=${OUT:-runs}
 WORKERS=${WORKERS:-2}
 mode=${1:-full}
 steps=50
-common=(--model fashion --workers "$WORKERS" --threads 1 --lpips none --quiet --batch 25)
+# --dsg-defaults shared: with and without DiffStateGrad at the same step, the pairing the study is about
+common=(--model fashion --workers "$WORKERS" --threads 1 --lpips none --quiet --batch 25 --dsg-defaults shared)
 case $mode in
   quick)
     # 200 images, 1 seed, box inpainting and 4x super-resolution, DPS and DiffPIR at 50 steps + TV,
@@ -34,8 +35,9 @@ case $mode in
     # what issue 11 asks: 200 images, 2 seeds, 5 tasks, every pixel solver, x0.3-x30 (20,000 items
     # per solver) and the noise run (6,000 more), at 15 steps (DAPS 12 annealing steps x 3 ODE
     # steps; TV keeps its preset iterations): on 25 images within about 1 dB of 50 steps
-    # (docs/claims.md). Measured: 19 min per task on 2 cores (0.21 / 0.25 / 0.10 s per DPS / DAPS /
-    # DiffPIR image and core), about 105 min for the grid with its noise run; 50 steps: about 6 h
+    # (docs/claims.md). Measured in one run: 74,400 items in 44 min 38 s on 2 cores (0.064 / 0.10 /
+    # 0.046 s per DPS / DAPS / DiffPIR image and core); on a 3x slower machine 19 min per task,
+    # about 115 min for the grid with its noise run; 50 steps: about 6 h there
     images=fashion-test:200; seeds=0,1; solvers=tv,dps,daps,diffpir; mults=0.3,1,3,10,30; steps=dps=15,daps=12,diffpir=15
     tasks=box_inpainting,super_resolution,gaussian_deblur,motion_deblur,phase_retrieval; noise_solvers=$solvers ;;
   *) echo "usage: $0 [full|quick|more]" >&2; exit 2 ;;

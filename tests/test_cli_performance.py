@@ -323,3 +323,25 @@ def test_evaluate_runs_each_solver_at_its_own_step_count(tiny_model, tmp_path):
     assert again.exit_code == 1 and "other settings" in again.output, again.output
     bad = CliRunner().invoke(main, [*args, "--steps", "3,dsp=2"])
     assert bad.exit_code != 0 and "unknown solver 'dsp'" in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def test_evaluate_gives_the_projected_run_its_own_tuned_defaults_or_shares_them(tmp_path, monkeypatch):
+    from diffstategrad import presets
+
+    real = presets.solver_table()
+    dps = {**real["dps"], "builtin": {**real["dps"]["builtin"], "with_diffstategrad": {"tasks": {"box_inpainting": {"guidance_scale": 4.5}}}}}
+    monkeypatch.setattr(presets, "solver_table", lambda: {**real, "dps": dps})
+    plain = real["dps"]["builtin"]["tasks"]["box_inpainting"]["guidance_scale"]
+    args = ["evaluate", "--images", "fashion-examples", "--model", "fashion", "--tasks", "box_inpainting", "--solvers", "dps",
+            "--steps", "2", "--guidance-multipliers", "1,2", "--lpips", "none", "--batch", "8", "--quiet"]
+    scales = {}
+    for mode in ("own", "shared"):
+        out = tmp_path / mode
+        result = CliRunner().invoke(main, [*args, "--dsg-defaults", mode, "--out", str(out)])
+        assert result.exit_code in (0, 3), result.output
+        records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+        scales[mode] = {(r["diffstategrad"], r["guidance_multiplier"]): r["guidance_scale"] for r in records}
+    assert scales["own"] == {(False, 1.0): plain, (False, 2.0): 2 * plain, (True, 1.0): 4.5, (True, 2.0): 9.0}
+    assert scales["shared"] == {(False, 1.0): plain, (False, 2.0): 2 * plain, (True, 1.0): plain, (True, 2.0): 2 * plain}
+    again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "shared")])  # the default, own: not mixed into a shared folder
+    assert again.exit_code == 1 and "other settings (dsg_defaults)" in again.output, again.output

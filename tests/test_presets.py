@@ -53,3 +53,40 @@ def test_configs_dir_prefers_the_wheel_copy(tmp_path, monkeypatch):
     assert resources.config_path("solvers.yaml").read_text() == "dps: {}\n"
     with pytest.raises(FileNotFoundError):
         resources.config_path("missing.yaml")
+
+
+def test_the_builtin_profile_values_tuned_with_diffstategrad_are_real_arguments():
+    tasks = set(list_tasks())
+    for name, entry in solver_table().items():
+        block = (entry.get("builtin") or {}).get("with_diffstategrad") or {}
+        assert set(block) <= {"all", "tasks"}, name
+        assert set(block.get("tasks") or {}) <= tasks, name
+        for task in [None, *tasks]:
+            kwargs = solver_defaults(name, task, "builtin", diffstategrad=True) if "builtin" in entry else {}
+            assert set(kwargs) <= _accepted(name), (name, set(kwargs) - _accepted(name))
+
+
+def test_a_projected_run_takes_its_own_tuned_defaults_unless_told_to_share(monkeypatch):
+    from diffstategrad import presets
+    from diffstategrad.pipeline import EvalContext, Job, PipelineError
+    from diffstategrad.projection import DiffStateGrad
+
+    table = {"dps": {"all": {"steps": 1000}, "tasks": {"box_inpainting": {"guidance_scale": 0.5}},
+                     "builtin": {"all": {"steps": 200}, "tasks": {"box_inpainting": {"guidance_scale": 15.0}},
+                                 "with_diffstategrad": {"tasks": {"box_inpainting": {"guidance_scale": 45.0}}}}}}
+    monkeypatch.setattr(presets, "solver_table", lambda: table)
+    assert solver_defaults("dps", "box_inpainting", "builtin") == {"steps": 200, "guidance_scale": 15.0}
+    assert solver_defaults("dps", "box_inpainting", "builtin", diffstategrad=True) == {"steps": 200, "guidance_scale": 45.0}
+    assert solver_defaults("dps", "box_inpainting", diffstategrad=True)["guidance_scale"] == 0.5  # no profile: the official value
+    plain = Job("box_inpainting", "dps", profile="builtin", guidance_multiplier=2.0)
+    projected = plain.with_projector(DiffStateGrad())
+    assert plain.kwargs()["guidance_scale"] == 30.0
+    assert projected.kwargs()["guidance_scale"] == 90.0  # the multiplier scales each side's own default
+    assert Job("box_inpainting", "dps", DiffStateGrad(), profile="builtin", dsg_defaults="shared").kwargs()["guidance_scale"] == 15.0
+    assert Job("box_inpainting", "dps", DiffStateGrad(), profile="builtin", guidance_scale=7.0).kwargs()["guidance_scale"] == 7.0
+    with pytest.raises(PipelineError, match="dsg_defaults"):
+        Job("box_inpainting", "dps", profile="builtin", dsg_defaults="mine").kwargs()
+    # a folder written before the tuned values existed ran "shared": it resumes as such, not as "own"
+    context = EvalContext(images={}, solvers=("dps",), size=32, out="x")
+    assert context.settings()["dsg_defaults"] == "own"
+    assert "dsg_defaults" not in EvalContext(images={}, solvers=("dps",), size=32, out="x", dsg_defaults="shared").settings()

@@ -229,6 +229,12 @@ def _versions() -> dict:
     return {"diffstategrad": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
+DSG_DEFAULTS_OPTION = click.option(
+    "--dsg-defaults", type=click.Choice(["own", "shared"]), default="own", show_default=True,
+    help="With DiffStateGrad, own: the built-in profile's values tuned with it (each side at its own best); "
+         "shared: the plain run's values (a sweep then pairs equal steps).")
+
+
 @main.command("solve")
 @click.option("--task", required=True, help="Task preset (see `diffstategrad tasks`).")
 @click.option("--solver", default="dps", show_default=True, help="The solver (see docs/solvers): " + _solver_help() + ".")
@@ -241,6 +247,7 @@ def _versions() -> dict:
 @click.option("--samples", type=click.IntRange(1, 256), default=1, show_default=True,
               help="Posterior samples drawn (in one batch); with more than one, their mean and per-pixel std are written and scored too.")
 @projector_options
+@DSG_DEFAULTS_OPTION
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the mask / kernel, the measurement noise and the solver's draws.")
 @click.option("--size", type=click.IntRange(8, 4096), default=None, help="Image side in pixels (default: 64 for built-in pixel models, 128 for latent).")
 @click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE", help="Override a preset field, e.g. noise.sigma=0.05 (repeatable).")
@@ -249,7 +256,7 @@ def _versions() -> dict:
 @click.option("--out", default=None, help="Output folder (default: runs/solve-TASK-SOLVER).")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_scale, samples, projector, seed, size, task_options,
+def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_scale, samples, projector, dsg_defaults, seed, size, task_options,
                   device, network, out, overwrite, quiet):
     """Solve one inverse problem and write images, metrics and the resolved configuration.
 
@@ -278,7 +285,7 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
         prior, model_label = resolve_model(model, solver, dev)
         configure_prior(prior, **network)
         job = Job(task, solver, steps=steps, guidance_scale=guidance_scale, samples=samples, task_overrides=overrides or None,
-                  profile=defaults_profile(model_label))
+                  profile=defaults_profile(model_label), dsg_defaults=dsg_defaults)
         job.kwargs()
     except (PipelineError, ValueError, FileNotFoundError) as exc:
         raise UserError(one_line(exc)) from None
@@ -396,6 +403,7 @@ def _terminate_as_interrupt(signum, frame):
 @projector_options
 @click.option("--diffstategrad", "dsg_mode", type=click.Choice(["both", "with", "without"]), default="both", show_default=True,
               help="Run each item with and/or without the projector.")
+@DSG_DEFAULTS_OPTION
 @click.option("--task-option", "task_options", multiple=True, metavar="KEY=VALUE", help="Override a preset field for every task, e.g. noise.sigma=0.05.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True, help="Images solved together in one solver call (results do not depend on it).")
 @click.option("--lpips", "lpips_net", type=click.Choice(["vgg", "alex", "none"]), default="vgg", show_default=True, help="LPIPS backbone (none: PSNR and SSIM only).")
@@ -409,7 +417,7 @@ def _terminate_as_interrupt(signum, frame):
 @network_options
 @click.option("--out", required=True, help="Output folder (re-running the same command resumes it).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, samples, size, steps, model, latent_model, projector, dsg_mode,
+def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, samples, size, steps, model, latent_model, projector, dsg_mode, dsg_defaults,
                      task_options, batch, lpips_net, workers, threads, ray_address, device, devices, network, out, quiet):
     """Run tasks x solvers x {without, with DiffStateGrad} x guidance multipliers x seeds over a
     set of images; write records.jsonl (one line per item with its scores, time, network calls
@@ -460,7 +468,7 @@ def evaluate_command(images, tasks, solvers, guidance_multipliers, seeds, sample
     context = EvalContext(images=image_files, solvers=tuple(solver_list), size=size, out=str(out_dir), steps=steps, samples=samples,
                           device=device, threads=threads, models={"pixel": model, "latent": latent_model},
                           projector=projector.to_dict(), lpips=lpips_net, task_overrides=_parse_options(task_options) or None,
-                          devices=device_list, **network)
+                          devices=device_list, dsg_defaults=dsg_defaults, **network)
     try:
         store, lock = open_evaluation(make_out(out_dir), context.settings())
     except (FolderInUseError, EvaluationSettingsError) as exc:

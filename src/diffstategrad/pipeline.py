@@ -228,13 +228,14 @@ def steps_for(steps, solver: str) -> int | None:
 
 
 def solver_kwargs(solver: str, task: str, *, steps=None, guidance_scale=None, guidance_multiplier: float = 1.0, overrides=None,
-                  profile: str | None = None) -> dict:
-    """The solver's keyword arguments: the table's defaults for the task (and ``profile``), then
-    the caller's values. ``guidance_scale`` is absolute; ``guidance_multiplier`` scales the
-    default guidance (the evaluation grid) when no absolute value is given."""
+                  profile: str | None = None, diffstategrad: bool = False) -> dict:
+    """The solver's keyword arguments: the table's defaults for the task (and ``profile``; with
+    ``diffstategrad``, the profile's values tuned with the projector on), then the caller's
+    values. ``guidance_scale`` is absolute; ``guidance_multiplier`` scales the default guidance
+    (the evaluation grid) when no absolute value is given."""
     try:
         solver_spec(solver)
-        kwargs = solver_defaults(solver, task, profile)
+        kwargs = solver_defaults(solver, task, profile, diffstategrad=diffstategrad)
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
     if "guidance_scale" in kwargs or guidance_scale is not None or guidance_multiplier != 1.0:
@@ -252,6 +253,9 @@ def solver_kwargs(solver: str, task: str, *, steps=None, guidance_scale=None, gu
 # ---------------------------------------------------------------------------------------------
 
 
+DSG_DEFAULTS = ("own", "shared")
+
+
 @dataclass(frozen=True)
 class Job:
     """What to run on a batch of images (everything but the images and their seeds)."""
@@ -266,10 +270,16 @@ class Job:
     task_overrides: Mapping[str, Any] | None = None
     solver_overrides: Mapping[str, Any] | None = None
     profile: str | None = None
+    # "own": a projected run takes the profile's defaults tuned with DiffStateGrad (each side at
+    # its own best); "shared": both take the plain run's, so a step sweep pairs equal steps
+    dsg_defaults: str = "own"
 
     def kwargs(self) -> dict:
+        if self.dsg_defaults not in DSG_DEFAULTS:
+            raise PipelineError(f"dsg_defaults must be one of {', '.join(DSG_DEFAULTS)}, not {self.dsg_defaults!r}")
         return solver_kwargs(self.solver, self.task, steps=self.steps, guidance_scale=self.guidance_scale,
-                             guidance_multiplier=self.guidance_multiplier, overrides=self.solver_overrides, profile=self.profile)
+                             guidance_multiplier=self.guidance_multiplier, overrides=self.solver_overrides, profile=self.profile,
+                             diffstategrad=self.projector is not None and self.dsg_defaults == "own")
 
     def with_projector(self, projector: DiffStateGrad | None) -> "Job":
         return replace(self, projector=projector)
@@ -456,6 +466,8 @@ def write_solve_outputs(out_dir: Path, x: torch.Tensor, runs: Mapping[str, Batch
     metrics.update({name: run.metrics[0] for name, run in runs.items()})
     atomic_write_text(out_dir / "metrics.json", json.dumps(_plain(metrics), indent=2) + "\n")
     config = {**config, "solver_kwargs": main.kwargs, "task_parameters_at_size": main.problem.params, "samples": job.samples}
+    if "baseline" in runs and runs["baseline"].kwargs != main.kwargs:  # the projected run took its own tuned defaults
+        config["solver_kwargs_baseline"] = runs["baseline"].kwargs
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
     return out_dir
 
@@ -498,14 +510,19 @@ class EvalContext:
     channels_last: bool = False
     compile: bool | str = False  # False, or a torch.compile backend ("inductor")
     devices: tuple[str, ...] = ()  # --devices: one worker per device, each with on_device(d)
+    dsg_defaults: str = "own"  # Job.dsg_defaults
 
     def settings(self) -> dict:
         """What identifies the experiment (a resumed run must have the same). The device list
         of ``--devices`` counts as the device, as ``--device`` does; the network options are
-        left out at their defaults, so folders written before they existed resume."""
+        left out at their defaults, so folders written before they existed resume; so is
+        ``dsg_defaults="shared"``, what every run did before the profile had values tuned with
+        DiffStateGrad."""
         d = asdict(self)
         for k in ("threads", "out", "images", "devices"):
             d.pop(k)
+        if d["dsg_defaults"] == "shared":
+            d.pop("dsg_defaults")
         if self.devices:
             d["device"] = ",".join(self.devices)
         for k, default in NETWORK_DEFAULTS.items():
@@ -563,7 +580,7 @@ def evaluate_items(items: list[dict], context: EvalContext) -> list[dict]:
     x = torch.cat([state["images"][it["image"]] for it in items])
     job = Job(first["task"], first["solver"], DiffStateGrad.from_dict(dict(context.projector)) if first["diffstategrad"] else None,
               steps=steps_for(context.steps, first["solver"]), guidance_multiplier=guidance_multiplier(first), samples=context.samples,
-              task_overrides=context.task_overrides, profile=state["profiles"][kind])
+              task_overrides=context.task_overrides, profile=state["profiles"][kind], dsg_defaults=context.dsg_defaults)
     batch = run_job(state["priors"][kind], job, x, [first["seed"]] * len(items), lpips=state["lpips"])
     records = []
     for b, it in enumerate(items):

@@ -33,13 +33,16 @@ def _entry(solver: str) -> dict:
     return table[solver]
 
 
-def solver_defaults(solver: str, task: str | None = None, profile: str | None = None) -> dict:
+def solver_defaults(solver: str, task: str | None = None, profile: str | None = None, diffstategrad: bool = False) -> dict:
     """Default keyword arguments of ``solver`` for ``task`` (a preset name, or None for the
     settings shared by all tasks).
 
     ``profile="builtin"`` applies the solver's ``builtin`` block on top: fewer steps and guidance
     scales tuned on the small built-in models (benchmarks/tune_builtin.py), so that they run in
     seconds on a CPU. The official values stay the defaults for every other model.
+    ``diffstategrad=True`` then applies the profile's ``with_diffstategrad`` block, the values
+    tuned with the projector on (each side at its own best); without that block the projected
+    run keeps the same values as the plain one.
     """
     entry = _entry(solver)
     out = dict(entry.get("all") or {})
@@ -49,9 +52,11 @@ def solver_defaults(solver: str, task: str | None = None, profile: str | None = 
         block = entry.get(profile)
         if block is None:
             raise ValueError(f"solver {solver!r} has no {profile!r} defaults")
-        out.update(block.get("all") or {})
-        if task is not None:
-            out.update((block.get("tasks") or {}).get(task, {}))
+        layers = [block, block.get("with_diffstategrad") or {}] if diffstategrad else [block]
+        for layer in layers:
+            out.update(layer.get("all") or {})
+            if task is not None:
+                out.update((layer.get("tasks") or {}).get(task, {}))
     return out
 
 

@@ -29,6 +29,7 @@ from diffstategrad.cli import main as cli
 from diffstategrad.data import VALIDATION_IMAGES
 from diffstategrad.operators import list_tasks
 from diffstategrad.presets import solver_defaults
+from diffstategrad.records import guidance_multiplier
 from diffstategrad.solvers import SOLVERS
 
 
@@ -65,13 +66,13 @@ def main():
              "--seeds", "0", "--size", str(args.size), "--diffstategrad", args.diffstategrad, "--dsg-defaults", "shared", "--workers", str(args.workers), "--out", str(run_dir), "--quiet"],
             catch_exceptions=False,
         )
-        if result.exit_code != 0:
+        if result.exit_code not in (0, 3):  # 3: some items diverged (recorded, and scored as such)
             raise SystemExit(f"evaluate failed for {solver}: {result.output}")
         scores = defaultdict(list)
         for line in (run_dir / "records.jsonl").read_text().splitlines():
             r = json.loads(line)
             if r["diffstategrad"] == (args.diffstategrad == "with"):
-                scores[(r["task"], r["guidance_scale"])].append(r["psnr"] if r["psnr"] is not None else float("-inf"))
+                scores[(r["task"], guidance_multiplier(r))].append(r["psnr"] if r["psnr"] is not None else float("-inf"))
         for task in args.tasks.split(","):
             cands = {m: sum(v) / len(v) for (t, m), v in scores.items() if t == task}
             m_best = max(cands, key=cands.get)

@@ -284,3 +284,14 @@ def test_serve_options_are_checked():
     help_text = CliRunner().invoke(main, ["serve", "--help"]).output
     for option in ("--host", "--port", "--device", "--concurrency", "--threads", "--max-upload-mb", "--max-megapixels", "--max-size"):
         assert option in help_text
+
+
+def test_a_page_left_at_the_default_step_gives_each_run_its_own_tuned_default(engine):
+    from diffstategrad.presets import solver_defaults
+
+    tuned = solver_defaults("dps", "box_inpainting", "builtin", diffstategrad=True)["guidance_scale"]
+    assert tuned != 15.0  # the profile holds a value tuned with DiffStateGrad for this cell
+    own = engine.run_pair(request(steps=2)).config
+    assert own["solver_kwargs"]["guidance_scale"] == 15.0 and own["solver_kwargs_diffstategrad"]["guidance_scale"] == tuned
+    typed = engine.run_pair(request(steps=2, guidance_scale=7.0)).config  # a value the user typed: both runs take it
+    assert typed["solver_kwargs"]["guidance_scale"] == 7.0 and "solver_kwargs_diffstategrad" not in typed

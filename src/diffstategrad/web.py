@@ -383,8 +383,13 @@ class Engine:
                     prior.check_size(*prior.state_shape((3, request.size, request.size))[1:])
                 except ValueError as exc:
                     raise JobError(f"image size {request.size}: {exc}; the model accepts {prior.size_rule()}") from None
-            job = Job(request.task, request.solver, steps=request.steps, guidance_scale=request.guidance_scale, task_overrides=overrides,
-                      profile=defaults_profile(model_label))
+            profile = defaults_profile(model_label)
+            guidance = request.guidance_scale
+            plain = Job(request.task, request.solver, profile=profile).kwargs().get("guidance_scale")
+            if guidance is not None and plain is not None and math.isclose(float(guidance), float(plain), rel_tol=1e-6):
+                guidance = None  # the field still shows the default: each run takes its own (tuned with / without the projector)
+            job = Job(request.task, request.solver, steps=request.steps, guidance_scale=guidance, task_overrides=overrides,
+                      profile=profile)
             kwargs = job.kwargs()
             problem = preset.build(tuple(x.shape[1:]), seeds=[request.seed], device=self.device)
         except (PipelineError, ValueError, FileNotFoundError) as exc:
@@ -418,6 +423,9 @@ class Engine:
             "task": preset.to_dict(), "task_parameters_at_size": problem.params,
             "solver_kwargs": kwargs, "diffstategrad": projector.to_dict(), "model": model_label, "device": str(self.device),
         }
+        projected_kwargs = job.with_projector(projector).kwargs()
+        if projected_kwargs != kwargs:  # the profile's values tuned with DiffStateGrad
+            config["solver_kwargs_diffstategrad"] = projected_kwargs
         return PairResult({k: to_pil(v) for k, v in tensors.items()}, metrics, _jsonable(config), notes, tensors)
 
     @staticmethod

@@ -58,12 +58,15 @@ def test_configs_dir_prefers_the_wheel_copy(tmp_path, monkeypatch):
 def test_the_builtin_profile_values_tuned_with_diffstategrad_are_real_arguments():
     tasks = set(list_tasks())
     for name, entry in solver_table().items():
-        block = (entry.get("builtin") or {}).get("with_diffstategrad") or {}
-        assert set(block) <= {"all", "tasks"}, name
-        assert set(block.get("tasks") or {}) <= tasks, name
+        builtin = entry.get("builtin") or {}
+        assert set(builtin) <= {"all", "tasks", "with_diffstategrad", "fashion"}, name
+        for block in (builtin.get("with_diffstategrad") or {}, builtin.get("fashion") or {}):
+            assert set(block) <= {"all", "tasks", "with_diffstategrad"}, name
+            assert set(block.get("tasks") or {}) <= tasks, name
         for task in [None, *tasks]:
-            kwargs = solver_defaults(name, task, "builtin", diffstategrad=True) if "builtin" in entry else {}
-            assert set(kwargs) <= _accepted(name), (name, set(kwargs) - _accepted(name))
+            for profile in ("builtin", "builtin:fashion"):
+                kwargs = solver_defaults(name, task, profile, diffstategrad=True) if "builtin" in entry else {}
+                assert set(kwargs) <= _accepted(name), (name, profile, set(kwargs) - _accepted(name))
 
 
 def test_a_projected_run_takes_its_own_tuned_defaults_unless_told_to_share(monkeypatch):
@@ -90,3 +93,20 @@ def test_a_projected_run_takes_its_own_tuned_defaults_unless_told_to_share(monke
     context = EvalContext(images={}, solvers=("dps",), size=32, out="x")
     assert context.settings()["dsg_defaults"] == "own"
     assert "dsg_defaults" not in EvalContext(images={}, solvers=("dps",), size=32, out="x", dsg_defaults="shared").settings()
+
+
+def test_the_fashion_model_keeps_the_values_its_study_ran_with():
+    # docs/claims.md's Fashion-MNIST grid ran at these x1 values (its records hold them); retuning the
+    # photo models' profile must not move them, or `scripts/fashion_study.sh` would no longer reproduce it
+    from diffstategrad.pipeline import defaults_profile
+
+    assert defaults_profile("builtin:fashion") == "builtin:fashion" and defaults_profile("builtin:pixel") == "builtin"
+    assert defaults_profile("converted:/models/x") is None
+    study = {"dps": {"box_inpainting": 15.0, "super_resolution": 9.0, "gaussian_deblur": 3.0, "motion_deblur": 3.0, "phase_retrieval": 10.0},
+             "daps": {"box_inpainting": 5e-5, "super_resolution": 3e-4, "gaussian_deblur": 1e-4, "motion_deblur": 5e-5, "phase_retrieval": 5e-5},
+             "diffpir": dict.fromkeys(["box_inpainting", "super_resolution", "gaussian_deblur", "motion_deblur", "phase_retrieval"], 14.3)}
+    for solver, tasks in study.items():
+        for task, value in tasks.items():
+            for dsg in (False, True):
+                assert solver_defaults(solver, task, "builtin:fashion", diffstategrad=dsg)["guidance_scale"] == pytest.approx(value), (solver, task)
+    assert solver_defaults("dps", "super_resolution", "builtin")["guidance_scale"] != 9.0  # the photo models' own value differs

@@ -180,9 +180,12 @@ def resolve_model(spec: str | None, solver: str, device: torch.device) -> tuple[
 
 
 def defaults_profile(model_label: str) -> str | None:
-    """Built-in models run with the table's ``builtin`` defaults; every other model with the
-    official ones."""
-    return "builtin" if model_label.startswith("builtin:") else None
+    """Built-in models run with the table's ``builtin`` defaults (the Fashion-MNIST model with
+    its own ``builtin.fashion`` values on top, ``"builtin:fashion"``); every other model with
+    the official ones."""
+    if not model_label.startswith("builtin:"):
+        return None
+    return "builtin:fashion" if model_label == "builtin:fashion" else "builtin"
 
 
 def default_size(prior: DiffusionPrior | None) -> int:

@@ -40,19 +40,25 @@ def solver_defaults(solver: str, task: str | None = None, profile: str | None = 
     ``profile="builtin"`` applies the solver's ``builtin`` block on top: fewer steps and guidance
     scales tuned on the small built-in models (benchmarks/tune_builtin.py), so that they run in
     seconds on a CPU. The official values stay the defaults for every other model.
-    ``diffstategrad=True`` then applies the profile's ``with_diffstategrad`` block, the values
-    tuned with the projector on (each side at its own best); without that block the projected
-    run keeps the same values as the plain one.
+    ``"builtin:fashion"`` applies the ``builtin`` block's ``fashion`` block on top of it (the
+    Fashion-MNIST model's values). ``diffstategrad=True`` then applies the last block's
+    ``with_diffstategrad`` block, the values tuned with the projector on (each side at its own
+    best); without one the projected run keeps the same values as the plain one.
     """
     entry = _entry(solver)
     out = dict(entry.get("all") or {})
     if task is not None:
         out.update((entry.get("tasks") or {}).get(task, {}))
     if profile is not None:
-        block = entry.get(profile)
+        name, _, model = profile.partition(":")
+        block = entry.get(name)
         if block is None:
-            raise ValueError(f"solver {solver!r} has no {profile!r} defaults")
-        layers = [block, block.get("with_diffstategrad") or {}] if diffstategrad else [block]
+            raise ValueError(f"solver {solver!r} has no {name!r} defaults")
+        layers = [block]
+        if model:  # "builtin:fashion": the model's own block on top; its values tuned with the projector are its own too
+            layers.append(block.get(model) or {})
+        if diffstategrad:
+            layers.append(layers[-1].get("with_diffstategrad") or {})
         for layer in layers:
             out.update(layer.get("all") or {})
             if task is not None:

@@ -329,9 +329,11 @@ def test_evaluate_gives_the_projected_run_its_own_tuned_defaults_or_shares_them(
     from diffstategrad import presets
 
     real = presets.solver_table()
-    dps = {**real["dps"], "builtin": {**real["dps"]["builtin"], "with_diffstategrad": {"tasks": {"box_inpainting": {"guidance_scale": 4.5}}}}}
-    monkeypatch.setattr(presets, "solver_table", lambda: {**real, "dps": dps})
-    plain = real["dps"]["builtin"]["tasks"]["box_inpainting"]["guidance_scale"]
+    builtin = real["dps"]["builtin"]  # the fashion model's block (builtin.fashion) gets values tuned with the projector
+    fashion = {**(builtin.get("fashion") or {}), "with_diffstategrad": {"tasks": {"box_inpainting": {"guidance_scale": 4.5}}}}
+    monkeypatch.setattr(presets, "solver_table", lambda: {**real, "dps": {**real["dps"], "builtin": {**builtin, "fashion": fashion}}})
+    plain = presets.solver_defaults("dps", "box_inpainting", "builtin:fashion")["guidance_scale"]
+    assert plain != 4.5
     args = ["evaluate", "--images", "fashion-examples", "--model", "fashion", "--tasks", "box_inpainting", "--solvers", "dps",
             "--steps", "2", "--guidance-multipliers", "1,2", "--lpips", "none", "--batch", "8", "--quiet"]
     scales = {}

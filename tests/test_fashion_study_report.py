@@ -1,20 +1,19 @@
 """scripts/fashion_study_report.py: one report over the study's per-task folders and its noise run."""
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fashion_study_report.py"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from script_helpers import load_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def report():
-    spec = importlib.util.spec_from_file_location("fashion_study_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/fashion_study_report.py")
 
 
 def _write(folder: Path, task: str, gain: dict, tv: float) -> None:

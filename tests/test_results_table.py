@@ -1,18 +1,16 @@
 """benchmarks/results_table.py: the solver x task table, and every solver beside a classical one."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "results_table.py"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from script_helpers import load_script  # noqa: E402
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("results_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/results_table.py")
 
 
 def _records(path: Path) -> Path:

@@ -1,7 +1,6 @@
 """benchmarks/tune_builtin.py: tunes the builtin profile on tuning images only, with and without
 DiffStateGrad, and prints each task's best value."""
 
-import importlib.util
 import json
 import re
 import shutil
@@ -13,15 +12,14 @@ import pytest
 from diffstategrad.images import example_path
 from diffstategrad.presets import solver_defaults
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_builtin.py"
+sys.path.insert(0, str(Path(__file__).parent))
+
+from script_helpers import load_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tune():
-    spec = importlib.util.spec_from_file_location("tune_builtin", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/tune_builtin.py")
 
 
 def _run(tune, monkeypatch, *args):

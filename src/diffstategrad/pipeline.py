@@ -277,9 +277,11 @@ class Job:
     # its own best); "shared": both take the plain run's, so a step sweep pairs equal steps
     dsg_defaults: str = "own"
 
-    def kwargs(self) -> dict:
+    def __post_init__(self):
         if self.dsg_defaults not in DSG_DEFAULTS:
             raise PipelineError(f"dsg_defaults must be one of {', '.join(DSG_DEFAULTS)}, not {self.dsg_defaults!r}")
+
+    def kwargs(self) -> dict:
         return solver_kwargs(self.solver, self.task, steps=self.steps, guidance_scale=self.guidance_scale,
                              guidance_multiplier=self.guidance_multiplier, overrides=self.solver_overrides, profile=self.profile,
                              diffstategrad=self.projector is not None and self.dsg_defaults == "own")

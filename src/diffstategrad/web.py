@@ -401,7 +401,7 @@ class Engine:
         y = problem.measure(x, seeds=[request.seed])  # what run_job measures too (same seed, same noise)
         tensors = {"ground_truth": x.cpu(), "measurement": measurement_image(problem.operator, y, x.shape).cpu()}
         report(ProgressEvent("measured", images={k: to_pil(v) for k, v in tensors.items()}))
-        metrics = {}
+        metrics, run_kwargs = {}, {}
         for run in RUNS:
             def callback(info: dict, run=run) -> None:
                 if cancel is not None and cancel.is_set():
@@ -418,14 +418,14 @@ class Engine:
                              callback=callback)
             tensors[run] = result.x.cpu()
             metrics[run] = result.metrics[0]
+            run_kwargs[run] = result.kwargs
         config = {
             "request": {k: v for k, v in request.to_dict().items() if k != "upload"}, "image": image_label, "image_notes": notes,
             "task": preset.to_dict(), "task_parameters_at_size": problem.params,
             "solver_kwargs": kwargs, "diffstategrad": projector.to_dict(), "model": model_label, "device": str(self.device),
         }
-        projected_kwargs = job.with_projector(projector).kwargs()
-        if projected_kwargs != kwargs:  # the profile's values tuned with DiffStateGrad
-            config["solver_kwargs_diffstategrad"] = projected_kwargs
+        if run_kwargs["diffstategrad"] != kwargs:  # the profile's values tuned with DiffStateGrad
+            config["solver_kwargs_diffstategrad"] = run_kwargs["diffstategrad"]
         return PairResult({k: to_pil(v) for k, v in tensors.items()}, metrics, _jsonable(config), notes, tensors)
 
     @staticmethod

@@ -330,8 +330,18 @@ def test_evaluate_gives_the_projected_run_its_own_tuned_defaults_or_shares_them(
 
     real = presets.solver_table()
     builtin = real["dps"]["builtin"]  # the fashion model's block (builtin.fashion) gets values tuned with the projector
-    fashion = {**(builtin.get("fashion") or {}), "with_diffstategrad": {"tasks": {"box_inpainting": {"guidance_scale": 4.5}}}}
+    tuned = {"guidance_scale": 4.5, "projector": {"var_cutoff": 0.999}}
+    fashion = {**(builtin.get("fashion") or {}), "with_diffstategrad": {"tasks": {"box_inpainting": tuned}}}
     monkeypatch.setattr(presets, "solver_table", lambda: {**real, "dps": {**real["dps"], "builtin": {**builtin, "fashion": fashion}}})
+    from diffstategrad import pipeline
+
+    cutoffs, real_solve = set(), pipeline.solve
+
+    def solve(*a, projector=None, **k):  # what the solver is handed
+        cutoffs.add(None if projector is None else projector.var_cutoff)
+        return real_solve(*a, projector=projector, **k)
+
+    monkeypatch.setattr(pipeline, "solve", solve)
     plain = presets.solver_defaults("dps", "box_inpainting", "builtin:fashion")["guidance_scale"]
     assert plain != 4.5
     args = ["evaluate", "--images", "fashion-examples", "--model", "fashion", "--tasks", "box_inpainting", "--solvers", "dps",
@@ -343,7 +353,16 @@ def test_evaluate_gives_the_projected_run_its_own_tuned_defaults_or_shares_them(
         assert result.exit_code in (0, 3), result.output
         records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
         scales[mode] = {(r["diffstategrad"], r["guidance_multiplier"]): r["guidance_scale"] for r in records}
+        # the projector's tuned tau too, where the caller left --var-cutoff at its default; recorded
+        assert {json.dumps(r.get("projector_tuned")) for r in records if r["diffstategrad"]} == \
+            {json.dumps({"var_cutoff": 0.999}) if mode == "own" else "null"}
+        assert cutoffs == ({None, 0.999} if mode == "own" else {None, 0.99}), cutoffs
+        cutoffs.clear()
     assert scales["own"] == {(False, 1.0): plain, (False, 2.0): 2 * plain, (True, 1.0): 4.5, (True, 2.0): 9.0}
     assert scales["shared"] == {(False, 1.0): plain, (False, 2.0): 2 * plain, (True, 1.0): plain, (True, 2.0): 2 * plain}
     again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "shared")])  # the default, own: not mixed into a shared folder
     assert again.exit_code == 1 and "other settings (dsg_defaults)" in again.output, again.output
+    chosen = CliRunner().invoke(main, [*args, "--var-cutoff", "0.95", "--out", str(tmp_path / "chosen")])  # the caller's tau stays
+    assert chosen.exit_code in (0, 3), chosen.output
+    assert cutoffs == {None, 0.95}
+    assert not any("projector_tuned" in json.loads(line) for line in (tmp_path / "chosen" / "records.jsonl").read_text().splitlines())

@@ -56,6 +56,9 @@ def test_configs_dir_prefers_the_wheel_copy(tmp_path, monkeypatch):
 
 
 def test_the_builtin_profile_values_tuned_with_diffstategrad_are_real_arguments():
+    from diffstategrad.presets import projector_defaults
+    from diffstategrad.projection import DiffStateGrad
+
     tasks = set(list_tasks())
     for name, entry in solver_table().items():
         builtin = entry.get("builtin") or {}
@@ -67,6 +70,8 @@ def test_the_builtin_profile_values_tuned_with_diffstategrad_are_real_arguments(
             for profile in ("builtin", "builtin:fashion"):
                 kwargs = solver_defaults(name, task, profile, diffstategrad=True) if "builtin" in entry else {}
                 assert set(kwargs) <= _accepted(name), (name, profile, set(kwargs) - _accepted(name))
+                if "builtin" in entry:  # the projector settings tuned with it build a projector
+                    DiffStateGrad(**projector_defaults(name, task, profile))
 
 
 def test_a_projected_run_takes_its_own_tuned_defaults_unless_told_to_share(monkeypatch):
@@ -93,6 +98,31 @@ def test_a_projected_run_takes_its_own_tuned_defaults_unless_told_to_share(monke
     context = EvalContext(images={}, solvers=("dps",), size=32, out="x")
     assert context.settings()["dsg_defaults"] == "own"
     assert "dsg_defaults" not in EvalContext(images={}, solvers=("dps",), size=32, out="x", dsg_defaults="shared").settings()
+
+
+def test_a_projected_run_takes_the_projector_settings_tuned_with_it_unless_the_caller_chose(monkeypatch):
+    from diffstategrad import presets
+    from diffstategrad.pipeline import Job
+    from diffstategrad.presets import projector_defaults
+    from diffstategrad.projection import DiffStateGrad
+
+    with_dsg = {"tasks": {"gaussian_deblur": {"guidance_scale": 2.0, "projector": {"var_cutoff": 0.999}}}}
+    table = {"dps": {"all": {"steps": 1000}, "tasks": {"gaussian_deblur": {"guidance_scale": 0.3}},
+                     "builtin": {"tasks": {"gaussian_deblur": {"guidance_scale": 3.0, "projector": {"var_cutoff": 0.5}}},
+                                 "with_diffstategrad": with_dsg}}}
+    monkeypatch.setattr(presets, "solver_table", lambda: table)
+    # a solver argument it is not; only the block tuned with the projector sets it
+    assert solver_defaults("dps", "gaussian_deblur", "builtin", diffstategrad=True) == {"steps": 1000, "guidance_scale": 2.0}
+    assert solver_defaults("dps", "gaussian_deblur", "builtin") == {"steps": 1000, "guidance_scale": 3.0}
+    assert projector_defaults("dps", "gaussian_deblur", "builtin") == {"var_cutoff": 0.999}
+    assert projector_defaults("dps", "box_inpainting", "builtin") == {} and projector_defaults("dps", "gaussian_deblur") == {}
+    job = Job("gaussian_deblur", "dps", DiffStateGrad(period=2), profile="builtin")
+    assert job.projector_tuned() == {"var_cutoff": 0.999}
+    assert job.run_projector() == DiffStateGrad(var_cutoff=0.999, period=2)  # the caller's other settings kept
+    assert Job("gaussian_deblur", "dps", DiffStateGrad(var_cutoff=0.9), profile="builtin").run_projector().var_cutoff == 0.9
+    assert Job("gaussian_deblur", "dps", DiffStateGrad(), profile="builtin", dsg_defaults="shared").run_projector().var_cutoff == 0.99
+    assert Job("gaussian_deblur", "dps", profile="builtin").run_projector() is None
+    assert Job("gaussian_deblur", "dps", DiffStateGrad()).projector_tuned() == {}  # no profile: the official settings
 
 
 def test_the_fashion_model_keeps_the_values_its_study_ran_with():

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from diffstategrad.operators import Inpaint, PhaseRetrieval, Resize, load_task
-from diffstategrad.presets import solver_defaults
+from diffstategrad.presets import projector_defaults, solver_defaults
 from diffstategrad.priors import DiffusionPrior, load_prior
 from diffstategrad.projection import DiffStateGrad
 from diffstategrad.records import guidance_multiplier, reconstruction_path
@@ -286,6 +286,25 @@ class Job:
                              guidance_multiplier=self.guidance_multiplier, overrides=self.solver_overrides, profile=self.profile,
                              diffstategrad=self.projector is not None and self.dsg_defaults == "own")
 
+    def projector_tuned(self) -> dict:
+        """The projector settings this job takes from the profile's ``with_diffstategrad`` block
+        (``dsg_defaults="own"``): each tuned field whose value the caller left at the
+        projector's own default (a field set to anything else is the caller's choice and
+        stays). {} without a projector, with ``"shared"``, or where the profile tuned none."""
+        if self.projector is None or self.dsg_defaults != "own" or self.profile is None:
+            return {}
+        try:
+            tuned = projector_defaults(self.solver, self.task, self.profile)
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from None
+        own = {f.name: f.default for f in fields(DiffStateGrad)}
+        return {k: v for k, v in tuned.items() if getattr(self.projector, k) == own[k] and v != own[k]}
+
+    def run_projector(self) -> DiffStateGrad | None:
+        """The projector the job runs with: ``projector`` with :meth:`projector_tuned` applied."""
+        tuned = self.projector_tuned()
+        return DiffStateGrad.from_dict({**self.projector.to_dict(), **tuned}) if tuned else self.projector
+
     def with_projector(self, projector: DiffStateGrad | None) -> "Job":
         return replace(self, projector=projector)
 
@@ -301,7 +320,8 @@ class BatchResult:
     failed_step, residual, failed_samples; what it cost: wall_seconds, network_calls,
     autoencoder_calls, peak_memory_mb, peak_memory_kind, device, see the module docstring);
     result: the solver's result for all B * N samples (image-major); kwargs: the solver's
-    keyword arguments.
+    keyword arguments; projector_tuned: the projector settings the profile's values tuned with
+    DiffStateGrad replaced (``Job.projector_tuned``).
     """
 
     x: torch.Tensor
@@ -313,6 +333,7 @@ class BatchResult:
     result: SolveResult
     kwargs: dict
     problem: Any = field(repr=False, default=None)
+    projector_tuned: dict = field(default_factory=dict)  # Job.projector_tuned: the projector settings taken from the profile
 
 
 def _finite_or_none(v):
@@ -348,7 +369,7 @@ def run_job(prior: DiffusionPrior | None, job: Job, x: torch.Tensor, seeds, *, l
         y_all = y.repeat_interleave(N, dim=0)
         gens = SampleGenerators([derive_seed(s, "solver", k) for s in seeds for k in range(N)])
     with count_network_calls(prior) as calls:
-        result = solve(job.solver, prior, operator, y_all, shape=shape, seeds=gens, projector=job.projector, progress=progress,
+        result = solve(job.solver, prior, operator, y_all, shape=shape, seeds=gens, projector=job.run_projector(), progress=progress,
                        callback=callback, **kwargs)
     samples = result.x.detach().float().reshape(B, N, *shape)
     first = samples[:, 0]
@@ -372,7 +393,8 @@ def run_job(prior: DiffusionPrior | None, job: Job, x: torch.Tensor, seeds, *, l
                  wall_seconds=wall / B, network_calls=calls.network, autoencoder_calls=calls.autoencoder,
                  peak_memory_mb=memory_mb, peak_memory_kind=memory_kind, device=str(x.device))
         metrics.append({k: _finite_or_none(v) for k, v in m.items()})
-    return BatchResult(first, mean, std, y, measurement_image(problem.operator, y, x.shape), metrics, result, kwargs, problem)
+    return BatchResult(first, mean, std, y, measurement_image(problem.operator, y, x.shape), metrics, result, kwargs, problem,
+                       job.projector_tuned())
 
 
 def failed_any(batch: BatchResult) -> bool:
@@ -473,6 +495,8 @@ def write_solve_outputs(out_dir: Path, x: torch.Tensor, runs: Mapping[str, Batch
     config = {**config, "solver_kwargs": main.kwargs, "task_parameters_at_size": main.problem.params, "samples": job.samples}
     if "baseline" in runs and runs["baseline"].kwargs != main.kwargs:  # the projected run took its own tuned defaults
         config["solver_kwargs_baseline"] = runs["baseline"].kwargs
+    if main.projector_tuned:  # ... and the projector settings tuned with it
+        config["diffstategrad_tuned"] = main.projector_tuned
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False))
     return out_dir
 
@@ -596,5 +620,7 @@ def evaluate_items(items: list[dict], context: EvalContext) -> list[dict]:
         record = {**it, **batch.metrics[b]}
         record.update(guidance_scale=batch.kwargs.get("guidance_scale"), steps=batch.kwargs.get("steps"), size=int(x.shape[-1]),
                       batch=len(items))
+        if batch.projector_tuned:
+            record["projector_tuned"] = dict(batch.projector_tuned)
         records.append(record)
     return records

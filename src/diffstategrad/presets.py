@@ -14,7 +14,7 @@ import yaml
 
 from diffstategrad.resources import config_path
 
-__all__ = ["solver_defaults", "solver_table", "solver_source"]
+__all__ = ["solver_defaults", "projector_defaults", "solver_table", "solver_source"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,12 +43,28 @@ def solver_defaults(solver: str, task: str | None = None, profile: str | None = 
     ``"builtin:fashion"`` applies the ``builtin`` block's ``fashion`` block on top of it (the
     Fashion-MNIST model's values). ``diffstategrad=True`` then applies the last block's
     ``with_diffstategrad`` block, the values tuned with the projector on (each side at its own
-    best); without one the projected run keeps the same values as the plain one.
+    best); without one the projected run keeps the same values as the plain one. A ``projector``
+    entry there is the projector's own tuned settings (:func:`projector_defaults`), not a solver
+    argument, and is left out here.
     """
+    out = _merged(solver, task, profile, diffstategrad)
+    out.pop("projector", None)
+    return out
+
+
+def projector_defaults(solver: str, task: str | None = None, profile: str | None = None) -> dict:
+    """The DiffStateGrad settings (``DiffStateGrad`` field -> value, e.g. ``var_cutoff``) the
+    profile's ``with_diffstategrad`` block tuned for ``solver`` on ``task``; {} where it tuned
+    none (the projector's own defaults apply)."""
+    return dict(_merged(solver, task, profile, True).get("projector") or {}) if profile is not None else {}
+
+
+def _merged(solver: str, task: str | None, profile: str | None, diffstategrad: bool) -> dict:
     entry = _entry(solver)
     out = dict(entry.get("all") or {})
     if task is not None:
         out.update((entry.get("tasks") or {}).get(task, {}))
+    out.pop("projector", None)  # only a with_diffstategrad block tunes the projector
     if profile is not None:
         name, _, model = profile.partition(":")
         block = entry.get(name)
@@ -59,10 +75,13 @@ def solver_defaults(solver: str, task: str | None = None, profile: str | None = 
             layers.append(block.get(model) or {})
         if diffstategrad:
             layers.append(layers[-1].get("with_diffstategrad") or {})
-        for layer in layers:
-            out.update(layer.get("all") or {})
+        for i, layer in enumerate(layers):
+            values = dict(layer.get("all") or {})
             if task is not None:
-                out.update((layer.get("tasks") or {}).get(task, {}))
+                values.update((layer.get("tasks") or {}).get(task, {}))
+            if not (diffstategrad and i == len(layers) - 1):
+                values.pop("projector", None)
+            out.update(values)
     return out
 
 

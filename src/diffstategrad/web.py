@@ -401,7 +401,7 @@ class Engine:
         y = problem.measure(x, seeds=[request.seed])  # what run_job measures too (same seed, same noise)
         tensors = {"ground_truth": x.cpu(), "measurement": measurement_image(problem.operator, y, x.shape).cpu()}
         report(ProgressEvent("measured", images={k: to_pil(v) for k, v in tensors.items()}))
-        metrics, run_kwargs = {}, {}
+        metrics, run_kwargs, tuned = {}, {}, {}
         for run in RUNS:
             def callback(info: dict, run=run) -> None:
                 if cancel is not None and cancel.is_set():
@@ -419,6 +419,7 @@ class Engine:
             tensors[run] = result.x.cpu()
             metrics[run] = result.metrics[0]
             run_kwargs[run] = result.kwargs
+            tuned = result.projector_tuned if run == "diffstategrad" else tuned
         config = {
             "request": {k: v for k, v in request.to_dict().items() if k != "upload"}, "image": image_label, "image_notes": notes,
             "task": preset.to_dict(), "task_parameters_at_size": problem.params,
@@ -426,6 +427,8 @@ class Engine:
         }
         if run_kwargs["diffstategrad"] != kwargs:  # the profile's values tuned with DiffStateGrad
             config["solver_kwargs_diffstategrad"] = run_kwargs["diffstategrad"]
+        if tuned:  # ... and the projector settings tuned with it (the tau field left at its default)
+            config["diffstategrad_tuned"] = tuned
         return PairResult({k: to_pil(v) for k, v in tensors.items()}, metrics, _jsonable(config), notes, tensors)
 
     @staticmethod

@@ -231,8 +231,8 @@ def _versions() -> dict:
 
 DSG_DEFAULTS_OPTION = click.option(
     "--dsg-defaults", type=click.Choice(["own", "shared"]), default="own", show_default=True,
-    help="With DiffStateGrad, own: the built-in profile's values tuned with it (each side at its own best); "
-         "shared: the plain run's values (a sweep then pairs equal steps).")
+    help="With DiffStateGrad, own: the built-in profile's values tuned with it (each side at its own best; its tuned "
+         "projector settings too, for those left at their defaults); shared: the plain run's values (a sweep then pairs equal steps).")
 
 
 @main.command("solve")

@@ -321,8 +321,9 @@ def _relative_errors(p, ref):
 @pytest.mark.parametrize("shape", [(2, 3, 16, 16), (2, 3, 64, 64), (1, 3, 8, 12), (2, 4, 40, 24)])
 def test_exact_back_ends_give_the_reference_rank_and_projection(rule, shape):
     """Every back-end that claims exactness (full, gram, auto) gives the float64 reference's
-    rank and a projection within 1e-5 relative, on random and on image-like states. The float32
-    SVD itself is only that close on well-conditioned (random) states: on image-like spectra it
+    rank and a projection within 1e-5 relative (the float64 Gram path) or 3e-5 (float32 SVD, random
+    states), on random and on image-like states. The float32 SVD is only that close on
+    well-conditioned (random) states: on image-like spectra it
     is off by up to ~3e-5 at 64x64, where the float64 Gram path stays at ~3e-7."""
     g = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     random_state = torch.randn(shape, generator=torch.Generator().manual_seed(6))
@@ -334,8 +335,9 @@ def test_exact_back_ends_give_the_reference_rank_and_projection(rule, shape):
             basis = proj.basis(z)
             assert basis.ranks.tolist() == want.tolist(), backend
             errors = _relative_errors(proj.project(g, basis), _exact_projection(z, g, want))
-            exact = basis.backend == "gram" or float32_full_is_exact
-            assert max(errors) < (1e-5 if exact else 1e-4), (backend, errors)
+            # float32 LAPACK differs by machine: 1.2e-5 on a random 4x40x24 state with AVX-512 / AMX kernels
+            bound = 1e-5 if basis.backend == "gram" else 3e-5 if float32_full_is_exact else 1e-4
+            assert max(errors) < bound, (backend, errors)
 
 
 def test_gram_back_end_matches_the_full_svd_and_keeps_dtypes():

@@ -300,9 +300,10 @@ class Job:
         own = {f.name: f.default for f in fields(DiffStateGrad)}
         return {k: v for k, v in tuned.items() if getattr(self.projector, k) == own[k] and v != own[k]}
 
-    def run_projector(self) -> DiffStateGrad | None:
-        """The projector the job runs with: ``projector`` with :meth:`projector_tuned` applied."""
-        tuned = self.projector_tuned()
+    def run_projector(self, tuned: dict | None = None) -> DiffStateGrad | None:
+        """The projector the job runs with: ``projector`` with :meth:`projector_tuned` (or the
+        ``tuned`` it already returned) applied."""
+        tuned = self.projector_tuned() if tuned is None else tuned
         return DiffStateGrad.from_dict({**self.projector.to_dict(), **tuned}) if tuned else self.projector
 
     def with_projector(self, projector: DiffStateGrad | None) -> "Job":
@@ -368,8 +369,9 @@ def run_job(prior: DiffusionPrior | None, job: Job, x: torch.Tensor, seeds, *, l
         operator = task.build(shape, seeds=[s for s in seeds for _ in range(N)], device=x.device).operator
         y_all = y.repeat_interleave(N, dim=0)
         gens = SampleGenerators([derive_seed(s, "solver", k) for s in seeds for k in range(N)])
+    tuned = job.projector_tuned()
     with count_network_calls(prior) as calls:
-        result = solve(job.solver, prior, operator, y_all, shape=shape, seeds=gens, projector=job.run_projector(), progress=progress,
+        result = solve(job.solver, prior, operator, y_all, shape=shape, seeds=gens, projector=job.run_projector(tuned), progress=progress,
                        callback=callback, **kwargs)
     samples = result.x.detach().float().reshape(B, N, *shape)
     first = samples[:, 0]
@@ -393,8 +395,7 @@ def run_job(prior: DiffusionPrior | None, job: Job, x: torch.Tensor, seeds, *, l
                  wall_seconds=wall / B, network_calls=calls.network, autoencoder_calls=calls.autoencoder,
                  peak_memory_mb=memory_mb, peak_memory_kind=memory_kind, device=str(x.device))
         metrics.append({k: _finite_or_none(v) for k, v in m.items()})
-    return BatchResult(first, mean, std, y, measurement_image(problem.operator, y, x.shape), metrics, result, kwargs, problem,
-                       job.projector_tuned())
+    return BatchResult(first, mean, std, y, measurement_image(problem.operator, y, x.shape), metrics, result, kwargs, problem, tuned)
 
 
 def failed_any(batch: BatchResult) -> bool:

@@ -419,7 +419,8 @@ class Engine:
             tensors[run] = result.x.cpu()
             metrics[run] = result.metrics[0]
             run_kwargs[run] = result.kwargs
-            tuned = result.projector_tuned if run == "diffstategrad" else tuned
+            if run == "diffstategrad":
+                tuned = result.projector_tuned
         config = {
             "request": {k: v for k, v in request.to_dict().items() if k != "upload"}, "image": image_label, "image_notes": notes,
             "task": preset.to_dict(), "task_parameters_at_size": problem.params,

@@ -305,6 +305,39 @@ def test_export_builtin_pixel_loads_through_load_prior(tiny_data, tmp_path):
         export_builtin(ae_trainer, tmp_path / "x")
 
 
+def test_init_starts_a_run_from_a_model_folder_or_an_export(tiny_data, tmp_path):
+    """--init (fine-tuning): step 0's network and EMA are the source's EMA weights, from a shipped-style
+    folder or an exported .safetensors; the source is recorded; another network is refused."""
+    source = _train(_settings(tiny_data, 3), tmp_path / "source")
+    folder = export_builtin(tmp_path / "source", tmp_path / "folder" / "pixel")
+    exported = export_weights(tmp_path / "source", tmp_path / "source.safetensors")
+    want = {k: v.clone() for k, v in source.ema.state_dict().items()}
+    for init in (folder, exported):
+        trainer = Trainer(_settings(tiny_data, 2, init=init), tmp_path / f"ft-{Path(init).name}", echo=_quiet())
+        try:
+            for got in (trainer.model.state_dict(), trainer.ema.state_dict()):
+                for k, v in want.items():
+                    torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+            assert trainer.settings["init"]["path"] == str(Path(init).resolve())
+            assert len(trainer.settings["init"]["sha256"]) == 64
+            trainer.train(install_signal_handlers=False)
+            assert trainer.task.export_info()["initialised_from"] == trainer.settings["init"]
+        finally:
+            trainer.close()
+    # a random start differs from the source (the test above could not pass by accident)
+    fresh = Trainer(_settings(tiny_data, 2), tmp_path / "fresh", echo=_quiet())
+    try:
+        assert not torch.equal(fresh.model.state_dict()["conv_in.weight"], want["conv_in.weight"])
+    finally:
+        fresh.close()
+    other = dict(TINY_UNET_CONFIG, channels=[8, 16, 16, 32])
+    settings = pixel_settings(tiny_data, crop=16, batch=4, steps=1, model=other, bf16=False, init=folder)
+    with pytest.raises(ValueError, match="has another network.*channels"):
+        Trainer(settings, tmp_path / "other", echo=_quiet())
+    with pytest.raises(ValueError, match="no such model folder"):
+        pixel_settings(tiny_data, init=tmp_path / "missing")
+
+
 def test_latent_export_is_self_contained(tiny_data, ae_run, tmp_path):
     ae_copy = tmp_path / "ae"
     shutil.copytree(ae_run, ae_copy)
@@ -381,3 +414,25 @@ def test_command_line_chain(tiny_data, tmp_path):
         main(["latent", "--out", str(tmp_path / "x"), "--autoencoder", str(tmp_path / "ae"), "--data", str(tiny_data),
               "--crop", "48"])
     assert exc.value.code == 2  # not a multiple of 32
+
+
+def test_command_line_init_fine_tunes_and_refuses_another_network(tiny_data, tmp_path, capsys):
+    from diffstategrad.training.cli import main
+
+    common = ["--data", str(tiny_data), "--no-bf16", "--crop", "16", "--batch", "2", "--steps", "1", "--log-every", "1"]
+    with pytest.raises(SystemExit) as exc:
+        main(["pixel", "--out", str(tmp_path / "src"), "--tiny", *common])
+    assert exc.value.code == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["pixel", "--out", str(tmp_path / "ft"), "--tiny", "--init", str(tmp_path / "src" / "export" / "pixel.safetensors"), *common])
+    assert exc.value.code == 0
+    assert "initialised from" in capsys.readouterr().out
+    info = json.loads((tmp_path / "ft" / "export" / "pixel.json").read_text())
+    assert info["training"]["initialised_from"]["path"].endswith("pixel.safetensors")
+    # the default (full-size) network cannot start from the tiny one: one line, exit 1, nothing trained
+    with pytest.raises(SystemExit) as exc:
+        main(["pixel", "--out", str(tmp_path / "big"), "--init", str(tmp_path / "src" / "export" / "pixel.safetensors"), *common])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has another network" in err[0]
+    assert not (tmp_path / "big" / "checkpoint.pt").exists()

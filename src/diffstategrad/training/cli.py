@@ -118,7 +118,10 @@ def main(argv=None):
     @click.option("--sigma-data", default=0.5, show_default=True, help="EDM's sigma_data (the data's standard deviation).")
     @click.option("--t-sampling", type=click.Choice(T_SAMPLINGS), default="uniform", show_default=True,
                   help="Training timesteps: uniform (DDPM) or nearest to EDM's log-normal sigma.")
-    def pixel(dataset, preconditioning, sigma_data, t_sampling, **kw):
+    @click.option("--init", "init", default=None, type=click.Path(exists=True),
+                  help="Fine-tune: start from these weights (a pixel model folder such as "
+                       "src/diffstategrad/weights/pixel, or a run's export/pixel.safetensors) instead of random ones.")
+    def pixel(dataset, preconditioning, sigma_data, t_sampling, init, **kw):
         """Train the pixel-space UNet (epsilon or EDM-preconditioned)."""
         model = TINY_UNET_CONFIG if kw["tiny"] else None
         if model is not None and dataset == "fashion-mnist":
@@ -126,7 +129,7 @@ def main(argv=None):
         check_crop(kw["crop"], 8 if dataset == "photos" else 4, "the UNet halves the size")
         try:
             settings = pixel_settings(kw["data"], **common(kw, model), dataset=dataset, preconditioning=preconditioning,
-                                      sigma_data=sigma_data, t_sampling=t_sampling)
+                                      sigma_data=sigma_data, t_sampling=t_sampling, init=init)
         except ValueError as err:
             raise click.ClickException(str(err)) from None
         run(settings, kw["out"])

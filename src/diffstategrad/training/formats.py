@@ -24,7 +24,7 @@ from diffstategrad.training.checkpoints import CHECKPOINT_NAME, load_checkpoint_
 from diffstategrad.training.summaries import RunView, autoencoder_summary, data_summary
 
 __all__ = ["EXPORT_FORMAT", "AUTOENCODER_EXPORT_FORMAT", "pixel_record", "autoencoder_record", "read_record",
-           "load_exported", "load_autoencoder"]
+           "load_exported", "load_autoencoder", "read_init_weights"]
 
 EXPORT_FORMAT = "diffstategrad-unet"
 AUTOENCODER_EXPORT_FORMAT = "diffstategrad-autoencoder"
@@ -58,6 +58,7 @@ def pixel_record(settings: dict, task_info: dict, model: nn.Module, step: int, i
             "device": settings["device"],
             "command": settings.get("command"),
             "data": task_info["data"],
+            **({"initialised_from": task_info["initialised_from"]} if "initialised_from" in task_info else {}),
         },
     }
 
@@ -95,6 +96,34 @@ def load_exported(path: str | os.PathLike, device="cpu") -> tuple[UNet, dict]:
     model = UNet(record["architecture"])
     model.load_state_dict(read_safetensors(path), strict=True)
     return model.to(device).eval(), record
+
+
+def read_init_weights(path: str | os.PathLike, architecture: dict) -> dict[str, torch.Tensor]:
+    """The UNet weights a fine-tuning run starts from (``--init``): an exported pixel
+    ``.safetensors`` (``export/pixel.safetensors`` of a run) or a shipped / converted model folder
+    (``config.json`` + ``model.safetensors``, format ``builtin-pixel``, keys ``unet.*``). Its
+    architecture must be ``architecture`` (the run's network); a ValueError says what differs."""
+    path = Path(path)
+    if path.is_dir():
+        config_path, weights = path / "config.json", path / "model.safetensors"
+        if not config_path.is_file() or not weights.is_file():
+            raise ValueError(f"{path} is not a model folder (it needs config.json and model.safetensors)")
+        config = json.loads(config_path.read_text())
+        if config.get("format") != "builtin-pixel":
+            raise ValueError(f"{path} holds a {config.get('format')!r} model; --init takes a pixel model (format 'builtin-pixel')")
+        theirs = config["spec"]["unet"]
+        state = {k[len("unet."):]: v for k, v in read_safetensors(weights).items() if k.startswith("unet.")}
+    else:
+        record = read_record(path)
+        if record.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{path} is not a {EXPORT_FORMAT} file (format {record.get('format')!r})")
+        theirs = record["architecture"]
+        state = read_safetensors(path)
+    if dict(theirs) != dict(architecture):
+        diffs = ", ".join(f"{k}: {theirs.get(k)!r} there, {architecture.get(k)!r} here"
+                          for k in sorted(set(theirs) | set(architecture)) if theirs.get(k) != architecture.get(k))
+        raise ValueError(f"--init {path} has another network ({diffs})")
+    return state
 
 
 def load_autoencoder(path: str | os.PathLike) -> tuple[SmallAutoencoder, dict]:

@@ -9,6 +9,7 @@ those runs had.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ DATASETS = ("photos", "fashion-mnist")
 T_SAMPLINGS = ("uniform", "lognormal")
 
 # Settings added after runs existed: a run.json without them had these values.
-_SETTING_DEFAULTS = {"dataset": "photos", "preconditioning": "none", "sigma_data": 0.5, "t_sampling": "uniform"}
+_SETTING_DEFAULTS = {"dataset": "photos", "preconditioning": "none", "sigma_data": 0.5, "t_sampling": "uniform",
+                     "init": None}
 
 # Settings that may change between a run and its resumption (they do not change the maths).
 _MUTABLE_SETTINGS = {"steps", "threads", "device", "workers", "checkpoint_minutes", "log_every", "snapshot_every",
@@ -86,7 +88,10 @@ def pixel_settings(data, crop=64, batch=32, steps=20000, lr=2e-4, warmup=500, lr
                    ema_decay=0.999, weight_decay=0.0, grad_clip=1.0, bf16=True, seed=0, threads=1,
                    device="cpu", workers=0, model=None, scale_min=0.25, native_prob=0.25, checkpoint_minutes=5.0,
                    log_every=50, snapshot_every=2500, command=None, max_minutes=None, dataset="photos",
-                   preconditioning="none", sigma_data=0.5, t_sampling="uniform") -> dict[str, Any]:
+                   preconditioning="none", sigma_data=0.5, t_sampling="uniform", init=None) -> dict[str, Any]:
+    """A pixel run's settings; ``init`` (a pixel model folder or exported .safetensors) starts
+    the network and its EMA from those weights instead of random ones (fine-tuning); its path
+    and SHA-256 are recorded, so resuming from a changed file is refused."""
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     if t_sampling not in T_SAMPLINGS:
@@ -99,7 +104,22 @@ def pixel_settings(data, crop=64, batch=32, steps=20000, lr=2e-4, warmup=500, lr
                        ema_decay, weight_decay, grad_clip, bf16, seed, threads, device, workers, scale_min,
                        native_prob, checkpoint_minutes, log_every, snapshot_every, max_minutes, command)
     return {**s, "schedule": "linear", "num_timesteps": 1000, "dataset": dataset, "preconditioning": preconditioning,
-            "sigma_data": float(sigma_data), "t_sampling": t_sampling}
+            "sigma_data": float(sigma_data), "t_sampling": t_sampling, "init": _init_record(init)}
+
+
+def _init_record(init) -> dict[str, str] | None:
+    """{"path", "sha256"} of a fine-tuning run's starting weights (the weights file's digest)."""
+    if init is None:
+        return None
+    path = Path(init).resolve()
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise ValueError(f"--init {init}: no such model folder or weights file")
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(path), "sha256": digest.hexdigest()}
 
 
 def autoencoder_settings(data, crop=128, batch=16, steps=20000, lr=2e-4, warmup=200, lr_schedule="constant",

@@ -154,7 +154,10 @@ class PixelTask(_EpsilonMixin, _CropTask):
         return self._epsilon_loss(model, step, x0, device, autocast), x0.shape[0], {}
 
     def export_info(self) -> dict[str, Any]:
-        return {**super().export_info(), **self._diffusion_info()}
+        info = {**super().export_info(), **self._diffusion_info()}
+        if self.settings.get("init"):
+            info["initialised_from"] = dict(self.settings["init"])
+        return info
 
 
 class AutoencoderTask(_CropTask):

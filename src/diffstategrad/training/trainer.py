@@ -47,6 +47,7 @@ from diffstategrad.training.checkpoints import (
     numpy_rng_to_plain,
 )
 from diffstategrad.training.export import export_builtin, export_weights
+from diffstategrad.training.formats import read_init_weights
 from diffstategrad.training.settings import reconcile_settings
 from diffstategrad.training.summaries import RunView
 from diffstategrad.training.tasks import TASKS
@@ -117,6 +118,8 @@ class Trainer:
         task_state = None
         if (self.out / CHECKPOINT_NAME).is_file():
             task_state = self._load_checkpoint()
+        elif self.settings.get("init"):
+            self._load_init(self.settings["init"])
         self.task.prepare(self.device, task_state, echo=self.echo)
 
     def close(self) -> None:
@@ -175,6 +178,13 @@ class Trainer:
         self.resumed_from = self.step
         self._truncate_log(self.step)
         return ckpt.get("task")
+
+    def _load_init(self, init: dict[str, str]) -> None:
+        """Start the network and its EMA from a model's weights (a fine-tuning run's step 0)."""
+        state = read_init_weights(init["path"], self.settings["model"])
+        self.model.load_state_dict(state, strict=True)
+        self.ema.load_state_dict(state, strict=True)
+        self.echo(f"initialised from {init['path']} (sha256 {init['sha256'][:12]})")
 
     def _truncate_log(self, step: int) -> None:
         """Drop loss.csv rows logged after the checkpoint (they will be logged again)."""

@@ -24,13 +24,20 @@ def test_solve_compare_writes_every_output(tiny_model, tmp_path):
     out = tmp_path / "solve"
     r = _run(["solve", "--task", "super_resolution", "--compare", "--model", tiny_model, "--steps", "4", "--out", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
-    for name in ("ground_truth.png", "measurement.png", "reconstruction.png", "reconstruction_baseline.png", "comparison.png", "metrics.json", "config.yaml"):
+    for name in ("ground_truth.png", "measurement.png", "reconstruction.png", "reconstruction_baseline.png", "reconstruction_tv.png",
+                 "comparison.png", "metrics.json", "config.yaml"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("psnr", "ssim", "lpips", "seconds"):
-        assert key in metrics and key in metrics["baseline"] and key in metrics["diffstategrad"]
+        assert key in metrics and key in metrics["baseline"] and key in metrics["diffstategrad"] and key in metrics["tv"]
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["solver_kwargs"]["steps"] == 4 and config["diffstategrad"]["var_cutoff"] == 0.99
+    # the classical panel runs at its own preset settings: --steps 4 does not cut TV's iterations
+    assert config["classical"] == "tv" and config["classical_kwargs"]["steps"] == 300
+    assert metrics["tv"]["network_calls"] == 0
+    # five panels in one row: ground truth, measurement, TV, without, with
+    width, height = Image.open(out / "comparison.png").size
+    assert width > 3.5 * height  # (two rows would be about 1.3 times as wide as high)
     assert config["task"]["name"] == "super_resolution" and config["size"] == 64
     # the super-resolution measurement is shown upsampled to the image size
     assert Image.open(out / "measurement.png").size == (64, 64)
@@ -57,6 +64,8 @@ def test_solve_converts_grayscale_and_reports_it(tiny_model, tmp_path):
         (["--task", "hdr", "--size", "60"], "multiples of 8"),
         (["--task", "hdr", "--solver", "resample"], "latent"),
         (["--task", "hdr", "--compare", "--no-diffstategrad"], "exclude"),
+        (["--task", "hdr", "--compare", "--classical", "dps"], "not a classical solver"),
+        (["--task", "hdr", "--compare", "--classical", "nope"], "unknown solver"),
         (["--task", "hdr", "--task-option", "noise.sigmaa=1"], "unknown override"),
     ],
 )
@@ -67,6 +76,15 @@ def test_solve_errors_are_one_line(tiny_model, tmp_path, args, message):
     assert r.exit_code != 0
     assert message in r.output and "Traceback" not in r.output
     assert r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
+
+
+def test_solve_refuses_a_classical_solver_the_task_does_not_allow_before_the_long_solves(tiny_model, tmp_path):
+    r = CliRunner().invoke(main, ["solve", "--task", "phase_retrieval", "--compare", "--classical", "pseudo-inverse", "--model", tiny_model,
+                                  "--steps", "2", "--out", str(tmp_path / "o"), "--quiet"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("error: --classical pseudo-inverse:") and "nonlinear" in last
+    assert not (tmp_path / "o" / "reconstruction.png").exists()
 
 
 def test_solve_rejects_an_unreadable_image(tiny_model, tmp_path):

@@ -242,6 +242,9 @@ DSG_DEFAULTS_OPTION = click.option(
 @click.option("--model", default=None, help="A built-in model name or a converted model folder (default: the built-in model the solver needs).")
 @click.option("--no-diffstategrad", "no_dsg", is_flag=True, help="Run the solver without the projector.")
 @click.option("--compare", is_flag=True, help="Run with and without DiffStateGrad and write a comparison figure.")
+@click.option("--classical", default="tv", show_default=True,
+              help="With --compare: the classical solver shown beside them (tv, pseudo-inverse; none: no classical panel). "
+                   "It runs at its own preset settings (--steps and --guidance-scale do not apply to it).")
 @click.option("--steps", type=click.IntRange(1, 100000), default=None, help="Solver steps (default: the preset's).")
 @click.option("--guidance-scale", type=POSITIVE, default=None, help="The solver's guidance step, absolute (default: the preset's; see docs/solvers).")
 @click.option("--samples", type=click.IntRange(1, 256), default=1, show_default=True,
@@ -256,21 +259,22 @@ DSG_DEFAULTS_OPTION = click.option(
 @click.option("--out", default=None, help="Output folder (default: runs/solve-TASK-SOLVER).")
 @click.option("--overwrite", is_flag=True, help="Replace the files of an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_scale, samples, projector, dsg_defaults, seed, size, task_options,
+def solve_command(task, solver, image, model, no_dsg, compare, classical, steps, guidance_scale, samples, projector, dsg_defaults, seed, size, task_options,
                   device, network, out, overwrite, quiet):
     """Solve one inverse problem and write images, metrics and the resolved configuration.
 
     \b
     Outputs in --out: ground_truth.png, measurement.png, reconstruction.png, metrics.json
     (the scores, and the time, network calls and peak memory), config.yaml; with --compare also
-    reconstruction_baseline.png and comparison.png; with --samples N > 1 also
+    reconstruction_baseline.png, reconstruction_tv.png (the --classical solver's) and
+    comparison.png; with --samples N > 1 also
     posterior_mean*.png and posterior_std*.png.
     Exit code 3 when a solve failed (diverged); its outputs are still written.
     """
     from diffstategrad.metrics import get_lpips
     from diffstategrad.operators import load_task
     from diffstategrad.pipeline import Job, PipelineError, check_network_options, configure_prior, default_size, defaults_profile, \
-        failed_any, resolve_device, resolve_model, solve_image, write_solve_outputs
+        failed_any, resolve_device, resolve_model, run_job, solve_image, write_solve_outputs
     from diffstategrad.solvers import solver_spec
 
     if no_dsg and compare:
@@ -289,6 +293,13 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
         job.kwargs()
     except (PipelineError, ValueError, FileNotFoundError) as exc:
         raise UserError(one_line(exc)) from None
+    classical = None if classical == "none" else classical
+    if classical is not None:
+        try:
+            if solver_spec(classical).needs_prior:
+                raise UserError(f"--classical {classical}: not a classical solver (use tv, pseudo-inverse or none)")
+        except ValueError as exc:
+            raise UserError(f"--classical {classical}: {one_line(exc)}") from None
     if not spec.needs_prior:
         no_dsg, compare = True, False  # a classical solver has no guidance gradient to project
         if network != {"precision": "fp32", "channels_last": False, "compile": False}:
@@ -308,13 +319,24 @@ def solve_command(task, solver, image, model, no_dsg, compare, steps, guidance_s
         preset.build(tuple(x.shape[1:]), seeds=[seed], device=dev)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(one_line(exc)) from None
+    lpips = get_lpips("vgg", device=dev)
+    runs = {}
+    if compare and classical is not None:
+        # first: it is fast, and an operator it cannot invert (pseudo-inverse on a nonlinear task) fails before the long solves
+        classical_job = Job(task, classical, task_overrides=overrides or None, profile=defaults_profile(model_label))
+        try:
+            runs[classical] = run_job(None, classical_job, x, [seed], lpips=lpips)
+        except (PipelineError, ValueError) as exc:
+            raise UserError(f"--classical {classical}: {one_line(exc)}") from None
     variants = {}
     if compare or no_dsg:
         variants["baseline"] = None
     if not no_dsg:
         variants["diffstategrad"] = projector
-    runs = solve_image(prior, job, x, seed, variants, lpips=get_lpips("vgg", device=dev), progress=not quiet)
+    runs.update(solve_image(prior, job, x, seed, variants, lpips=lpips, progress=not quiet))
     config = {"task": preset.to_dict(), "solver": solver, "diffstategrad": None if no_dsg else projector.to_dict(), "compare": compare,
+              "classical": classical if compare else None,
+              "classical_kwargs": runs[classical].kwargs if compare and classical is not None else None,
               "model": model_label, "model_info": getattr(prior, "info", {}), "image": image_label, "image_notes": notes, "size": size,
               "seed": seed, "device": str(dev), "network": network, "versions": _versions()}
     write_solve_outputs(make_out(out_dir), x, runs, job, config)

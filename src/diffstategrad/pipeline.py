@@ -425,7 +425,8 @@ def measurement_image(operator, y: torch.Tensor, image_shape) -> torch.Tensor:
 # solve: one image, without and / or with the projector
 # ---------------------------------------------------------------------------------------------
 
-VARIANTS = {"baseline": "without DiffStateGrad", "diffstategrad": "with DiffStateGrad"}
+VARIANTS = {"baseline": "without DiffStateGrad", "diffstategrad": "with DiffStateGrad", "tv": "TV (classical)",
+            "pseudo-inverse": "pseudo-inverse (classical)"}
 
 
 def solve_image(prior, job: Job, x: torch.Tensor, seed: int, variants: Mapping[str, DiffStateGrad | None], *, lpips=None,
@@ -458,8 +459,8 @@ def _plain(obj):
 
 def write_solve_outputs(out_dir: Path, x: torch.Tensor, runs: Mapping[str, BatchResult], job: Job, config: dict) -> Path:
     """The ``solve`` command's folder: ground_truth.png, measurement.png, reconstruction.png (the
-    run with DiffStateGrad where there is one), reconstruction_baseline.png and comparison.png
-    when both ran, posterior_mean*.png / posterior_std*.png with ``samples`` > 1, metrics.json
+    run with DiffStateGrad where there is one), reconstruction_NAME.png of the other runs
+    (``baseline``, a classical solver's) and comparison.png when more than one ran, posterior_mean*.png / posterior_std*.png with ``samples`` > 1, metrics.json
     and config.yaml."""
     import json
 
@@ -489,7 +490,7 @@ def write_solve_outputs(out_dir: Path, x: torch.Tensor, runs: Mapping[str, Batch
             if run.mean is not None:
                 panels.append((_label(f"mean of {job.samples}, {VARIANTS.get(name, name)}", run.metrics[0], "mean_"), run.mean.cpu()))
         comparison_figure(panels, out_dir / "comparison.png", panel_height=max(256, int(x.shape[-2])),
-                          columns=4 if len(panels) <= 4 else (len(panels) + 1) // 2)
+                          columns=len(panels) if len(panels) <= 5 else (len(panels) + 1) // 2)
     metrics = dict(main.metrics[0])
     metrics.update({name: run.metrics[0] for name, run in runs.items()})
     atomic_write_text(out_dir / "metrics.json", json.dumps(_plain(metrics), indent=2) + "\n")
